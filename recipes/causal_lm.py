@@ -1,0 +1,200 @@
+"""Fine-tuning of any Hugging Face causal LM (full, or LoRA through peft as the baseline for layer sampling)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from datamodules.tokenizer import load_tokenizer
+from recipes.lr_schedule import warmup_cosine
+from recipes.param_groups import decay_groups
+
+# A small Llama that trains on the synthetic tasks on a laptop CPU in minutes.
+DEFAULT_MODEL_CONFIG = {
+    "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False,
+}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft). ``target_modules="all-linear"`` adapts every linear layer but the head."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+class CausalLMModule(L.LightningModule):
+    """Supervised fine-tuning of a causal LM with the loss on response tokens.
+
+    Args:
+        model_path: a local ``from_pretrained`` directory. ``None`` builds a random-init model from ``model_config``.
+        model_config: ``AutoConfig.for_model`` keyword arguments (``model_type`` plus the config fields);
+            ``vocab_size`` is taken from the tokenizer.
+        tokenizer_name: tokenizer name or directory; ``None`` uses the data module's tokenizer.
+        optimizer: optimizer class and arguments (AdamW by default), applied to the named groups
+            ``decay`` / ``no_decay``.
+        warmup_steps: linear warm-up length in optimizer steps.
+        min_lr_ratio: final learning rate of the cosine decay as a fraction of the peak.
+        lr_schedule: ``cosine`` (warm-up then cosine) or ``constant`` (warm-up then flat).
+        lora: LoRA settings; ``None`` trains all weights.
+        gradient_checkpointing: recompute block activations in backward (non-reentrant).
+        exact_match_batches: validation/test batches on which greedy answers are generated for ``exact_match``.
+        max_new_tokens: generation budget for exact-match answers.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        model_config: dict | None = None,
+        tokenizer_name: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        lr_schedule: str = "cosine",
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        exact_match_batches: int = 2,
+        max_new_tokens: int = 16,
+    ) -> None:
+        super().__init__()
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if model_path is not None and model_config is not None:
+            raise ValueError("Give either model_path (a from_pretrained directory) or model_config, not both")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.model: torch.nn.Module | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = load_tokenizer(tokenizer_name) if tokenizer_name else None
+        self._tally: dict[str, list[float]] = {}
+
+    # ----------------------------------------------------------------------------------------------- model
+    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+            if datamodule is None or not hasattr(datamodule, "tokenizer"):
+                raise RuntimeError("CausalLMModule needs a tokenizer: pass tokenizer_name=... or use a data module "
+                                   "that provides one (e.g. InstructionDataModule)")
+            self.tokenizer = datamodule.tokenizer
+        return self.tokenizer
+
+    def configure_model(self) -> None:
+        """Build the model once the tokenizer is known (Lightning calls this before optimizers and restores)."""
+        if self.model is not None:
+            return
+        tokenizer = self._resolve_tokenizer()
+        hp = self.hparams
+        if hp.model_path is not None:
+            model = AutoModelForCausalLM.from_pretrained(hp.model_path, local_files_only=True)
+        else:
+            cfg = dict(hp.model_config or DEFAULT_MODEL_CONFIG)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,
+                                                                          vocab_size=len(tokenizer)))
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ValueError(f"The model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
+                             f"than the tokenizer's ({len(tokenizer)}); use the model's own tokenizer")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hp.lora is not None:
+            model = _apply_lora(model, hp.lora)
+        self.model = model
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.model is None and self.tokenizer is None:
+            name = checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer")
+            if name:
+                self.tokenizer = load_tokenizer(name)
+        self.configure_model()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        for i, group in enumerate(optimizer.param_groups):
+            self.log(f"optim/lr_{group.get('name', i)}", group["lr"], batch_size=1)
+        return out.loss
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False)
+        tally = self._tally[stage]  # [loss * tokens, tokens, correct answers, answers generated, batches]
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        tally[0] += float(out.loss) * tokens
+        tally[1] += tokens
+        if "answers" in batch and tally[4] < self.hparams.exact_match_batches:
+            answers = self.generate_answers(batch)
+            tally[2] += sum(p.strip() == a.strip() for p, a in zip(answers, batch["answers"], strict=True))
+            tally[3] += len(answers)
+        tally[4] += 1
+
+    def _end_eval(self, stage: str) -> None:
+        """Token-weighted loss, perplexity and exact match, summed over ranks."""
+        totals = self.all_gather(torch.tensor(self._tally[stage][:4], dtype=torch.float64, device=self.device))
+        if totals.ndim == 2:
+            totals = totals.sum(0)
+        loss = float(totals[0] / totals[1].clamp(min=1))
+        metrics = {f"{stage}/loss": loss, f"{stage}/perplexity": math.exp(min(loss, 50.0))}
+        if totals[3] > 0:
+            metrics[f"{stage}/exact_match"] = float(totals[2] / totals[3])
+        self.log_dict(metrics, prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._tally["val"] = [0.0, 0, 0, 0, 0]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._tally["test"] = [0.0, 0, 0, 0, 0]
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    @torch.no_grad()
+    def generate_answers(self, batch: dict) -> list[str]:
+        """Greedy answers to the left-padded prompts of ``batch``, decoded without special tokens."""
+        tokenizer = self._resolve_tokenizer()
+        prompt = batch["prompt_input_ids"]
+        out = self.model.generate(input_ids=prompt, attention_mask=batch["prompt_attention_mask"], do_sample=False,
+                                  max_new_tokens=self.hparams.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.batch_decode(out[:, prompt.shape[1]:], skip_special_tokens=True)
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(decay_groups(self.model))
+        hp = self.hparams
+        total = int(self.trainer.estimated_stepping_batches)
+        if hp.lr_schedule == "cosine":
+            def factor(step: int) -> float:
+                return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        else:
+            def factor(step: int) -> float:
+                return min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else 1.0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules)
+    return get_peft_model(model, cfg)

@@ -1,0 +1,82 @@
+"""``python -m recipes fit|validate|test|list|demo``: the LightningCLI entry point of the collection."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+from recipes.loggers import default_loggers
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves ``config.yaml`` into the run's own directory and sends the same config to W&B."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update({"cli": self.parser.dump(self.config, skip_none=False)},
+                                                allow_val_change=True)
+
+
+class RecipesCLI(LightningCLI):
+    """LightningCLI in subclass mode, with the collection's loggers unless the config names its own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 42)
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
+                         subclass_mode_data=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--wandb", type=str, default="offline", choices=["offline", "online", "disabled"],
+                            help="W&B mode: offline (default, no account needed), online, or disabled")
+        parser.add_argument("--wandb_project", type=str, default="layerwise-recipes", help="W&B project name")
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="run name for the log directory (default: the config file's name)")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        config = self.config[self.subcommand]
+        if config["trainer"].get("logger") in (None, True):
+            root = config["trainer"].get("default_root_dir") or "runs"
+            kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"], config["wandb_project"])
+        return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def _run_name(config) -> str:
+        if config.get("run_name"):
+            return config["run_name"]
+        paths = config.get("config") or []
+        return Path(str(paths[-1])).stem if paths else "run"
+
+
+def recipe_summaries() -> dict[str, str]:
+    """Each recipe YAML's name and its first comment line."""
+    out = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["list"]:
+        summaries = recipe_summaries()
+        width = max(map(len, summaries), default=0)
+        for name, line in summaries.items():
+            print(f"{name:<{width}}  {line}")
+        print("\nRun one with: python -m recipes fit --config recipes/configs/<name>.yaml")
+        return
+    if argv[:1] == ["demo"]:
+        from recipes.demo import run_demo
+
+        run_demo(argv[1:])
+        return
+    RecipesCLI(args=argv)

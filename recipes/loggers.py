@@ -1,0 +1,28 @@
+"""The collection's default loggers: CSV always, W&B offline by default, one directory per run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def default_loggers(root: str | Path, name: str, wandb: str = "offline", project: str = "layerwise-recipes") -> list:
+    """A versioned ``CSVLogger`` (first, so ``trainer.log_dir`` is unique per run) plus a ``WandbLogger``.
+
+    W&B files go inside the CSV run directory, so the config each run saves never collides with another
+    run's (the clash of ``SaveConfigCallback`` writing one ``config.yaml`` shared by every W&B run).
+    """
+    if wandb not in WANDB_MODES:
+        raise ValueError(f"wandb must be one of {WANDB_MODES}, got {wandb!r}")
+    csv = CSVLogger(save_dir=str(root), name=name)
+    loggers: list[Logger] = [csv]
+    if wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
+        run_dir = Path(csv.log_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        loggers.append(WandbLogger(project=project, name=f"{name}/{run_dir.name}", save_dir=str(run_dir),
+                                   offline=wandb == "offline"))
+    return loggers

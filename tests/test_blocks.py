@@ -1,0 +1,103 @@
+"""The block finder on tiny random-init models of every supported architecture."""
+
+import pytest
+import timm
+import torch
+import transformers
+from torch import nn
+
+from callbacks.blocks import block_parameter_names, find_blocks
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+HF_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(num_hidden_layers=3, **TINY),
+    "qwen2": lambda: transformers.Qwen2Config(num_hidden_layers=3, **TINY),
+    "mistral": lambda: transformers.MistralConfig(num_hidden_layers=3, **TINY),
+    "gemma": lambda: transformers.GemmaConfig(num_hidden_layers=3, head_dim=8, **TINY),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3,
+                                                   num_attention_heads=4, intermediate_size=64),
+    "opt": lambda: transformers.OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3, ffn_dim=64,
+                                          num_attention_heads=4, word_embed_proj_dim=32),
+}
+EXPECTED_PATH = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers",
+                 "gemma": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers",
+                 "opt": "model.decoder.layers"}
+
+
+@pytest.mark.parametrize("arch", sorted(HF_CONFIGS))
+def test_hf_causal_lm(arch):
+    model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[arch]())
+    parts = find_blocks(model)
+    assert parts.blocks_path == EXPECTED_PATH[arch]
+    assert len(parts) == 3
+    assert parts.blocks is _resolve(model, EXPECTED_PATH[arch])
+    assert parts.embedding, "input embedding not found"
+    assert parts.final_norm, "final norm not found"
+    assert parts.other == [], f"unclassified parameters: {parts.other}"
+    emb = model.get_input_embeddings().weight
+    named = dict(model.named_parameters())
+    assert any(named[n] is emb for n in parts.embedding)
+    if not model.config.tie_word_embeddings:
+        head = model.get_output_embeddings().weight
+        assert [n for n in parts.head if named[n] is head]
+    # every parameter is accounted for exactly once
+    in_blocks = sum(len(block_parameter_names(model, parts, i)) for i in range(len(parts)))
+    outside = len(parts.embedding) + len(parts.head) + len(parts.final_norm)
+    assert in_blocks + outside == len(named)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224", "deit_tiny_patch16_224",
+                                  "vit_base_patch16_224"])
+def test_timm_vit(name):
+    model = timm.create_model(name, pretrained=False, num_classes=5, img_size=32, depth=2)
+    parts = find_blocks(model)
+    assert parts.blocks_path == "blocks" and len(parts) == 2
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= set(parts.embedding)
+    assert parts.head == ["head.weight", "head.bias"]
+    assert parts.final_norm == ["norm.weight", "norm.bias"]
+
+
+def test_wrapped_model_and_lora():
+    peft = pytest.importorskip("peft")
+    model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS["llama"]())
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    holder = nn.Module()
+    holder.model = wrapped
+    parts = find_blocks(holder)
+    assert parts.blocks_path == "model.base_model.model.model.layers"
+    assert len(parts) == 3
+
+
+def test_explicit_path_and_errors():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.trunk = nn.Linear(4, 4)
+
+    model = Custom()
+    with pytest.raises(ValueError, match="Could not locate the transformer blocks of Custom"):
+        find_blocks(model)
+    with pytest.raises(ValueError, match="is a Linear, expected an nn.ModuleList"):
+        find_blocks(model, blocks_path="trunk")
+    with pytest.raises(ValueError, match="does not exist on Custom"):
+        find_blocks(model, blocks_path="trunk.missing")
+    model.trunk = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="Could not locate"):  # "trunk" is no known name
+        find_blocks(model)
+    model.trunk = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    parts = find_blocks(model, blocks_path="trunk")
+    assert len(parts) == 2 and parts.other == ["stem.weight", "stem.bias"]
+
+
+def _resolve(model, path):
+    for attr in path.split("."):
+        model = getattr(model, attr)
+    return model
+
+
+def test_forward_still_runs_on_found_llama():
+    model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS["llama"]())
+    out = model(torch.randint(0, 97, (1, 5)))
+    assert out.logits.shape == (1, 5, 97)
