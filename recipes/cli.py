@@ -42,7 +42,7 @@ class RecipesCLI(LightningCLI):
                             help="run name for the log directory (default: the config file's name)")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if config["trainer"].get("logger") in (None, True):
             root = config["trainer"].get("default_root_dir") or "runs"
             kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"], config["wandb_project"])

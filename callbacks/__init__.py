@@ -1,0 +1,23 @@
+"""Drop-in Lightning callbacks for layer-wise training techniques.
+
+Names are imported lazily, so ``class_path: callbacks.LISA`` in a YAML only imports what it uses.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "find_blocks": "callbacks.blocks",
+    "ModelParts": "callbacks.blocks",
+    "LISA": "callbacks.lisa",
+    "OwLore": "callbacks.owlore",
+    "ProgressiveLayerDrop": "callbacks.layer_drop",
+    "LLDS": "callbacks.llds",
+    "MAEReconstructionLogger": "callbacks.mae_reconstruction",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'callbacks' has no attribute {name!r}")
