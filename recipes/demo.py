@@ -20,11 +20,12 @@ def run_demo(argv: list[str] | None = None) -> dict[str, float]:
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     train_seconds = time.perf_counter() - start
+    final_val_loss = float(trainer.callback_metrics.get("val/loss", float("nan")))
     after = trainer.test(model, datamodule=data, verbose=False)[0]
     summary = {
         "train_seconds": round(train_seconds, 1),
         "steps": trainer.global_step,
-        "final_val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
+        "final_val_loss": final_val_loss,
         "test_exact_match_before": before["test/exact_match"],
         "test_exact_match_after": after["test/exact_match"],
         "test_loss_after": after["test/loss"],
