@@ -13,6 +13,8 @@ _EXPORTS = {
     "ProgressiveLayerDrop": "callbacks.layer_drop",
     "LLDS": "callbacks.llds",
     "MAEReconstructionLogger": "callbacks.mae_reconstruction",
+    "FiniteLossGuard": "callbacks.finite_loss",
+    "RunInfoLogger": "callbacks.run_info",
 }
 __all__ = list(_EXPORTS)
 

@@ -9,7 +9,9 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from recipes.loggers import default_loggers
+from callbacks.finite_loss import FiniteLossGuard
+from callbacks.run_info import RunInfoLogger
+from recipes.loggers import check_log_dir, default_loggers
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -25,12 +27,17 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 class RecipesCLI(LightningCLI):
-    """LightningCLI in subclass mode, with the collection's loggers unless the config names its own."""
+    """LightningCLI in subclass mode, with the collection's loggers unless the config names its own.
+
+    Every run also gets :class:`RunInfoLogger` (seed and library versions) and :class:`FiniteLossGuard` (stop at
+    the first NaN/inf loss), and its log directory is checked for write access and free space before training.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 42)
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -40,11 +47,14 @@ class RecipesCLI(LightningCLI):
         parser.add_argument("--wandb_project", type=str, default="layerwise-recipes", help="W&B project name")
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="run name for the log directory (default: the config file's name)")
+        parser.add_argument("--min_free_mb", type=int, default=100,
+                            help="refuse to start when the log directory's disk has less free space than this")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config["trainer"].get("default_root_dir") or "runs"
+        check_log_dir(root, config["min_free_mb"])
         if config["trainer"].get("logger") in (None, True):
-            root = config["trainer"].get("default_root_dir") or "runs"
             kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"], config["wandb_project"])
         return super().instantiate_trainer(**kwargs)
 

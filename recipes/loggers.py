@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -26,3 +27,21 @@ def default_loggers(root: str | Path, name: str, wandb: str = "offline", project
         loggers.append(WandbLogger(project=project, name=f"{name}/{run_dir.name}", save_dir=str(run_dir),
                                    offline=wandb == "offline"))
     return loggers
+
+
+def check_log_dir(root: str | Path, min_free_mb: int = 100) -> None:
+    """Fail at start, not after hours of training, when ``root`` is not writable or its disk is (nearly) full."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"Log directory {root} is not writable ({err.strerror or err}); set trainer.default_root_dir "
+                      "to a writable directory") from err
+    free_mb = shutil.disk_usage(root).free / 2**20
+    if free_mb < min_free_mb:
+        raise OSError(f"Only {free_mb:.0f} MB free on the disk of log directory {root}; at least {min_free_mb} MB are "
+                      "needed for logs and checkpoints (free space, move trainer.default_root_dir, or lower "
+                      "--min_free_mb)")

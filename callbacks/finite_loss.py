@@ -1,0 +1,50 @@
+"""Stop training at the first non-finite loss, naming the step and the last finite metrics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN or infinite."""
+
+
+class FiniteLossGuard(Callback):
+    """Raise :class:`NonFiniteLossError` as soon as the training loss is NaN/inf.
+
+    The error is raised in ``on_train_batch_end``, before any checkpoint callback runs for that step (Lightning
+    runs checkpoint callbacks last), so the last good checkpoint is never replaced by one with broken weights.
+    Works for automatic optimization (the step's returned loss) and manual optimization (the logged
+    ``train/loss``).
+    """
+
+    def __init__(self, metric: str = "train/loss") -> None:
+        self.metric = metric
+        self.last_finite: dict[str, float] = {}
+        self.last_finite_step: int | None = None
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            loss = trainer.callback_metrics.get(self.metric)
+        if loss is None:
+            return
+        value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        if not math.isfinite(value):
+            last = ", ".join(f"{k}={v:.6g}" for k, v in sorted(self.last_finite.items())) or "none logged yet"
+            raise NonFiniteLossError(
+                f"Training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                f"batch {batch_idx}). Last finite metrics (step {self.last_finite_step}): {last}. "
+                "Checkpoints written before this step are intact; lower the learning rate or check the data."
+            )
+        self.last_finite = {k: float(v) for k, v in trainer.callback_metrics.items()
+                            if k.startswith("train/") and v.numel() == 1 and math.isfinite(float(v))}
+        self.last_finite_step = trainer.global_step
