@@ -15,6 +15,7 @@ _EXPORTS = {
     "MAEReconstructionLogger": "callbacks.mae_reconstruction",
     "FiniteLossGuard": "callbacks.finite_loss",
     "RunInfoLogger": "callbacks.run_info",
+    "ExactResume": "callbacks.exact_resume",
 }
 __all__ = list(_EXPORTS)
 

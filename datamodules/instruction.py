@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt
 from datamodules.jsonl_records import DataError, read_instruction_file
+from datamodules.resumable_sampler import resumable_sampler
 from datamodules.synthetic_tasks import TASKS, Format, write_synthetic_splits
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
 
@@ -110,18 +111,19 @@ class InstructionDataModule(L.LightningDataModule):
             out.append(example)
         return out
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"No {split} split: set {split}_file (or leave train_file unset for the synthetic tasks)")
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers,
+        dataset, batch_size = self.datasets[split], self.hparams.batch_size
+        sampler = resumable_sampler(dataset, self.trainer, batch_size, self.hparams.seed) if split == "train" else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
                           collate_fn=lambda b: collate_examples(b, self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

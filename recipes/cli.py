@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from callbacks.exact_resume import ExactResume
 from callbacks.finite_loss import FiniteLossGuard
 from callbacks.run_info import RunInfoLogger
 from recipes.loggers import check_log_dir, default_loggers
@@ -29,15 +30,16 @@ class RunConfigSaver(SaveConfigCallback):
 class RecipesCLI(LightningCLI):
     """LightningCLI in subclass mode, with the collection's loggers unless the config names its own.
 
-    Every run also gets :class:`RunInfoLogger` (seed and library versions) and :class:`FiniteLossGuard` (stop at
-    the first NaN/inf loss), and its log directory is checked for write access and free space before training.
+    Every run also gets :class:`RunInfoLogger` (seed and library versions), :class:`FiniteLossGuard` (stop at the
+    first NaN/inf loss) and :class:`ExactResume` (random states and batch position restored exactly on resume), and
+    its log directory is checked for write access and free space before training.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 42)
-        kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard()]})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 

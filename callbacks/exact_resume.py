@@ -1,0 +1,62 @@
+"""Make a run resumed from a mid-epoch checkpoint continue exactly as the uninterrupted run would have."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+
+class ExactResume(Callback):
+    """Saves the global random states and corrects Lightning's batch counter when a checkpoint is restored.
+
+    * Random states (``torch``, ``random``, ``numpy``) are saved with every checkpoint and restored when training
+      restarts, so dropout masks, sampling and anything else drawn from them repeat exactly.
+    * A checkpoint written in ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=N)``) records the current
+      batch as processed but not completed; Lightning then replays it after a resume although its optimizer step is
+      already in the weights. This callback counts that batch as completed, so batch indices, validation intervals
+      and the data sampler (``datamodules.resumable_sampler``) continue where the interrupted run stopped.
+    """
+
+    def __init__(self) -> None:
+        self._pending_rng: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain types only, so the checkpoint still loads with torch.load(weights_only=True)
+        return {"torch": torch.get_rng_state(), "random": random.getstate(),
+                "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_rng = state_dict  # applied when training restarts, after setup has drawn what it draws
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        loops = checkpoint.get("loops", {}).get("fit_loop", {})
+        progress = loops.get("epoch_loop.batch_progress")
+        if progress is None:
+            return
+        pending = progress["current"]["processed"] - progress["current"]["completed"]
+        if pending <= 0:
+            return
+        for key in ("current", "total"):
+            progress[key]["completed"] = progress[key]["processed"]
+        loops["epoch_loop.state_dict"]["_batches_that_stepped"] += pending
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending_rng is None:
+            return
+        state, self._pending_rng = self._pending_rng, None
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["random"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
