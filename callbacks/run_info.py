@@ -39,7 +39,8 @@ class RunInfoLogger(Callback):
         info = run_info()
         for logger in trainer.loggers:
             logger.log_hyperparams({"run_info": info})
-        if trainer.is_global_zero and trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "run_info.json"
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+        if trainer.is_global_zero and log_dir is not None:
+            path = Path(log_dir) / "run_info.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(info, indent=2) + "\n")

@@ -147,7 +147,7 @@ class CausalLMModule(L.LightningModule):
         metrics = {f"{stage}/loss": loss, f"{stage}/perplexity": math.exp(min(loss, 50.0))}
         if totals[3] > 0:
             metrics[f"{stage}/exact_match"] = float(totals[2] / totals[3])
-        self.log_dict(metrics, prog_bar=True)
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)  # already summed over ranks; silences the DDP warning
 
     def on_validation_epoch_start(self) -> None:
         self._tally["val"] = [0.0, 0, 0, 0, 0]
