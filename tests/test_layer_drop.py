@@ -95,6 +95,24 @@ def test_dropped_llama_block_is_not_run_and_gets_no_grad():
     assert model.model.embed_tokens.weight.grad is not None
 
 
+def test_gradient_checkpointing_recomputes_with_the_same_draw():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama(layers=6).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pld = ProgressiveLayerDrop(theta_bar=0.3, seed=1)
+        pld.install(model)
+        _draw_with_drops(pld, 6)
+        ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert (g is None) == (grads[1][name] is None), name
+        if g is not None:
+            torch.testing.assert_close(g, grads[1][name], msg=name)
+
+
 def test_vit_output_equals_hand_computation():
     """Kept blocks give x + (block(x) - x) / p_l, dropped blocks give x, with the same p_l as the draw."""
     model = tiny_vit().train()
