@@ -1,0 +1,247 @@
+"""ProgressiveLayerDrop: schedule, draw statistics, skipped compute, exact outputs, resume and DDP sync."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+import transformers
+from torch import nn
+
+from callbacks import ProgressiveLayerDrop
+
+LLAMA = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=4, max_position_embeddings=32)
+
+
+def tiny_llama(layers: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, "num_hidden_layers": layers}))
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=4)
+
+
+def test_schedule_matches_closed_form():
+    pld = ProgressiveLayerDrop(theta_bar=0.5, gamma=0.01)
+    for t in (0, 1, 10, 100, 1000):
+        assert pld.theta(t) == pytest.approx(0.5 * math.exp(-0.01 * t) + 0.5, abs=1e-15)
+    assert pld.theta(0) == 1.0
+    # p_l = 1 - (l / L)(1 - theta) at t = 100: theta = 0.5 + 0.5 e^-1
+    theta = 0.5 + 0.5 * math.exp(-1.0)
+    assert pld.keep_probabilities(100, 4) == pytest.approx([1 - d / 4 * (1 - theta) for d in (1, 2, 3, 4)])
+    assert pld.keep_probabilities(10**6, 4) == pytest.approx([0.875, 0.75, 0.625, 0.5])
+    warm = ProgressiveLayerDrop(theta_bar=0.5, gamma=0.01, warmup_steps=20, keep_first=True, keep_last=True)
+    assert warm.theta(19) == 1.0 and warm.theta(20) == 1.0
+    assert warm.theta(120) == pytest.approx(theta)
+    assert warm.keep_probabilities(10**6, 4) == pytest.approx([1.0, 0.75, 0.625, 1.0])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="theta_bar must be in"):
+        ProgressiveLayerDrop(theta_bar=0.0)
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        ProgressiveLayerDrop(gamma=-1.0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        ProgressiveLayerDrop(warmup_steps=-1)
+
+
+def test_keep_frequency_matches_p_l():
+    # theta_bar = 0.2 at a late step: p_l = 0.9, 0.8, ..., 0.2 (0.1 apart, ~30 sigma at n = 20000), so a wrong or
+    # shifted p (the reference's off-by-one) fails; 5 sigma tolerance does not fail by chance.
+    pld = ProgressiveLayerDrop(theta_bar=0.2, gamma=1.0, seed=123)
+    n, blocks = 20000, 8
+    counts = torch.zeros(blocks)
+    for _ in range(n):
+        counts += torch.tensor(pld.sample(10**4, blocks), dtype=torch.float)
+    expected = torch.tensor([1 - d / 8 * 0.8 for d in range(1, 9)])
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert ((counts / n - expected).abs() < 5 * sigma).all(), (counts / n, expected)
+
+
+def _call_counter(blocks: nn.ModuleList, sub: str) -> list[int]:
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        getattr(block, sub).register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def _draw_with_drops(pld: ProgressiveLayerDrop, blocks: int) -> list[bool]:
+    """Sample until at least one block is dropped and one kept (fixed seed, so deterministic)."""
+    while True:
+        keep = pld.sample(10**6, blocks)
+        if 0 < sum(keep) < blocks:
+            return keep
+
+
+def test_dropped_llama_block_is_not_run_and_gets_no_grad():
+    model = tiny_llama(layers=6).train()
+    pld = ProgressiveLayerDrop(theta_bar=0.3, seed=1)
+    pld.install(model)
+    calls = _call_counter(model.model.layers, "mlp")
+    keep = _draw_with_drops(pld, 6)
+    ids = torch.randint(0, 61, (2, 7))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert calls == [int(k) for k in keep]
+    for block, kept in zip(model.model.layers, keep, strict=True):
+        grads = [p.grad for p in block.parameters()]
+        assert all(g is not None for g in grads) if kept else all(g is None for g in grads)
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_gradient_checkpointing_recomputes_with_the_same_draw():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama(layers=6).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pld = ProgressiveLayerDrop(theta_bar=0.3, seed=1)
+        pld.install(model)
+        _draw_with_drops(pld, 6)
+        ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert (g is None) == (grads[1][name] is None), name
+        if g is not None:
+            torch.testing.assert_close(g, grads[1][name], msg=name)
+
+
+def test_vit_output_equals_hand_computation():
+    """Kept blocks give x + (block(x) - x) / p_l, dropped blocks give x, with the same p_l as the draw."""
+    model = tiny_vit().train()
+    images = torch.randn(2, 3, 32, 32)
+    plain_blocks = [type(b).forward.__get__(b) for b in model.blocks]
+    pld = ProgressiveLayerDrop(theta_bar=0.4, seed=3)
+    pld.install(model)
+    keep = _draw_with_drops(pld, 4)
+    out = model.forward_features(images)
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    for block, kept, p in zip(plain_blocks, keep, pld.probs, strict=True):
+        if kept:
+            x = x + (block(x) - x) / p
+    torch.testing.assert_close(out, model.norm(x), rtol=0, atol=0)
+    assert len(set(pld.probs)) == 4  # the check above would catch a p taken from the wrong block
+
+
+def test_everything_kept_equals_plain_model_and_eval_is_unchanged():
+    plain, wrapped = tiny_llama(), tiny_llama()
+    ids = torch.randint(0, 61, (2, 9))
+    expected = plain.train()(input_ids=ids, use_cache=False).logits
+    pld = ProgressiveLayerDrop(theta_bar=1.0)
+    pld.install(wrapped.train())
+    pld.sample(500, 4)
+    torch.testing.assert_close(wrapped(input_ids=ids, use_cache=False).logits, expected, rtol=0, atol=0)
+    # eval runs every block unscaled, even with a draw that drops blocks pending
+    dropping = ProgressiveLayerDrop(theta_bar=0.5, seed=0)
+    dropping.install(plain)
+    _draw_with_drops(dropping, 4)
+    plain.eval()
+    wrapped.eval()
+    torch.testing.assert_close(plain(input_ids=ids).logits, wrapped(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_remove_restores_forward_and_state_dict_keys():
+    model = tiny_llama()
+    keys = list(model.state_dict())
+    pld = ProgressiveLayerDrop()
+    pld.install(model)
+    assert all("forward" in b.__dict__ for b in model.model.layers)
+    assert list(model.state_dict()) == keys
+    pld.remove()
+    assert all("forward" not in b.__dict__ for b in model.model.layers)
+
+
+class TupleBlock(nn.Module):
+    """A Pre-LN block returning a tuple, as older Hugging Face decoder layers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, hidden_states, scale=1.0):
+        return (hidden_states + scale * self.lin(hidden_states), None)
+
+
+def test_tuple_returning_blocks():
+    holder = nn.Module()
+    holder.trunk = nn.ModuleList([TupleBlock() for _ in range(3)])
+    pld = ProgressiveLayerDrop(theta_bar=0.3, seed=5, blocks_path="trunk")
+    pld.install(holder)
+    keep = _draw_with_drops(pld, 3)
+    x = torch.randn(2, 4)
+    for i, block in enumerate(holder.trunk):
+        out = block(x, scale=2.0)
+        assert isinstance(out, tuple) and len(out) == 2 and out[1] is None
+        ref = x if not keep[i] else x + (x + 2.0 * block.lin(x) - x) / pld.probs[i]
+        torch.testing.assert_close(out[0], ref)
+
+
+class TinyLM(L.LightningModule):
+    def __init__(self, layers: int = 4):
+        super().__init__()
+        self.model = tiny_llama(layers)
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader(n: int = 2) -> torch.utils.data.DataLoader:
+    ids = torch.randint(0, 61, (n, 8), generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
+
+
+def _fit(tmp: Path, max_steps: int, ckpt_path=None, pld=None, logger=False):
+    """Train TinyLM on one batch per epoch (resuming at any step sees the same data): module, callback, trainer."""
+    module = TinyLM()
+    pld = pld or ProgressiveLayerDrop(theta_bar=0.5, gamma=0.5, seed=7)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[pld],
+                        default_root_dir=tmp, log_every_n_steps=1)
+    trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+    return module, pld, trainer
+
+
+def test_resume_restores_schedule_and_draws(tmp_path):
+    full, _, _ = _fit(tmp_path / "full", 6)
+    _, first, trainer = _fit(tmp_path / "a", 3)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed, pld, _ = _fit(tmp_path / "b", 6, ckpt_path=ckpt)
+    assert pld.step == 5 and first.step == 2
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert all("forward" not in b.__dict__ for b in resumed.model.model.layers)  # teardown restored the blocks
+
+
+def test_logs_theta_and_fraction_computed(tmp_path):
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    _, pld, trainer = _fit(tmp_path, 4, logger=logger)
+    metrics = trainer.logged_metrics
+    assert float(metrics["pld/theta"]) == pytest.approx(0.5 * math.exp(-0.5 * 3) + 0.5)
+    assert float(metrics["pld/fraction_computed"]) in {k / 4 for k in range(5)}
+    header = next(Path(logger.log_dir).glob("metrics.csv")).read_text().splitlines()[0]
+    assert "pld/theta" in header and "pld/fraction_computed" in header
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_stays_in_sync(tmp_path):
+    worker = Path(__file__).with_name("pld_ddp_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["masks"] == r1["masks"] and len(r0["masks"]) == 6
+    assert any(not all(m) for m in r0["masks"]), "no block was ever dropped: the test would prove nothing"
+    for name, w in r0["weights"].items():
+        torch.testing.assert_close(w, r1["weights"][name], rtol=0, atol=0, msg=name)
