@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -53,7 +54,7 @@ class CausalLMModule(L.LightningModule):
     def __init__(
         self,
         model_path: str | None = None,
-        model_config: dict | None = None,
+        model_config: dict[str, Any] | None = None,
         tokenizer_name: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 50,

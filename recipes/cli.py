@@ -78,6 +78,8 @@ def recipe_summaries() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point; ``argv`` defaults to the command line."""
+    args = argv
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["list"]:
         summaries = recipe_summaries()
@@ -91,4 +93,4 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(argv[1:])
         return
-    RecipesCLI(args=argv)
+    RecipesCLI(args=args)

@@ -28,8 +28,15 @@ class RankStateDump(Callback):
         weights = {name: _jsonable(p) for name, p in pl_module.named_parameters()}
         choices = {type(cb).__name__: _jsonable(cb.state_dict()) for cb in trainer.callbacks
                    if cb is not self and cb.state_dict()}
-        choices.pop("ExactResume", None)  # global random states legitimately differ per rank (Lightning seeds rank-wise)
+        choices.pop("ExactResume", None)  # global random states differ per rank (Lightning seeds each rank)
         out = {"rank": trainer.global_rank, "world": trainer.world_size, "step": trainer.global_step,
                "weights": weights, "callbacks": choices}
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out, indent=1))
+
+
+class PrintSteps(Callback):
+    """Prints ``step N`` after every optimizer step (flushed), so a test can kill the process at a known step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        print(f"step {trainer.global_step}", flush=True)
