@@ -22,7 +22,7 @@ def test_two_rank_ddp_stays_in_sync(path, tmp_path):
            "--trainer.strategy=ddp_find_unused_parameters_true", "--trainer.max_steps=4",
            "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1.0",
            "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
-           "--trainer.callbacks+=tests.rank_probe.RankStateDump", f"--trainer.callbacks.out_dir={out}",
+           "--trainer.callbacks+=tests.probe_callbacks.RankStateDump", f"--trainer.callbacks.out_dir={out}",
            *EXTRA_SMOKE_ARGS.get(path.stem, [])]
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

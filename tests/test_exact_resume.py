@@ -5,26 +5,16 @@ import csv
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.exact_resume import ExactResume
 from datamodules.instruction import InstructionDataModule
 from recipes.causal_lm import CausalLMModule
+from tests.probe_callbacks import CrashAtStep
 
 TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64, "attention_dropout": 0.1}
-
-
-class CrashAtStep(Callback):
-    """Simulates the process dying right after the checkpoint of step ``step`` was written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise SystemError(f"simulated crash at step {self.step}")
 
 
 def _fit(root, max_steps, ckpt_path=None, every=None, crash_at=None):

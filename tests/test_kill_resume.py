@@ -26,8 +26,9 @@ def _cmd(tmp_path, name, extra=()):
             "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / name / 'ckpt'}",
             f"--trainer.callbacks.every_n_train_steps={EVERY}", "--trainer.callbacks.save_last=true",
             "--trainer.callbacks.save_top_k=-1",
-            "--trainer.callbacks+=tests.rank_probe.PrintSteps",
-            "--trainer.callbacks+=tests.rank_probe.RankStateDump", f"--trainer.callbacks.out_dir={tmp_path / name}",
+            "--trainer.callbacks+=tests.probe_callbacks.PrintSteps",
+            "--trainer.callbacks+=tests.probe_callbacks.RankStateDump",
+            f"--trainer.callbacks.out_dir={tmp_path / name}",
             *extra]
 
 

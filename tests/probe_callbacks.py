@@ -1,4 +1,4 @@
-"""A callback for the multi-process tests: each rank writes what it trained and chose, to compare across ranks."""
+"""Callbacks the multi-process, kill and resume tests add to recipe runs from the command line."""
 
 import hashlib
 import json
@@ -26,11 +26,25 @@ class RankStateDump(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         weights = {name: _jsonable(p) for name, p in pl_module.named_parameters()}
-        choices = {type(cb).__name__: _jsonable(cb.state_dict()) for cb in trainer.callbacks
-                   if cb is not self and cb.state_dict()}
-        choices.pop("ExactResume", None)  # global random states differ per rank (Lightning seeds each rank)
-        out = {"rank": trainer.global_rank, "world": trainer.world_size, "step": trainer.global_step,
-               "weights": weights, "callbacks": choices}
+        # ExactResume holds the global random states, which differ per rank (Lightning seeds each rank);
+        # ModelCheckpoint holds file paths, which differ per run
+        skip = (
+            self,
+            *trainer.checkpoint_callbacks,
+            *[cb for cb in trainer.callbacks if type(cb).__name__ == "ExactResume"],
+        )
+        choices = {
+            type(cb).__name__: _jsonable(cb.state_dict())
+            for cb in trainer.callbacks
+            if cb not in skip and cb.state_dict()
+        }
+        out = {
+            "rank": trainer.global_rank,
+            "world": trainer.world_size,
+            "step": trainer.global_step,
+            "weights": weights,
+            "callbacks": choices,
+        }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out, indent=1))
 
@@ -40,3 +54,14 @@ class PrintSteps(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         print(f"step {trainer.global_step}", flush=True)
+
+
+class CrashAtStep(Callback):
+    """Simulates the process dying right after the checkpoint of optimizer step ``step`` was written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise SystemError(f"simulated crash at step {self.step}")

@@ -1,0 +1,60 @@
+"""For every recipe: the same seed gives the same metrics, and a crash mid-way resumed from the last checkpoint
+ends with the same weights and the same logged metrics as the uninterrupted run."""
+
+import json
+
+import pytest
+
+from recipes.cli import main
+from tests.test_configs import CONFIGS, EXTRA_SMOKE_ARGS
+
+STEPS, CRASH = 6, 3
+# Recipe-specific settings: small batches, and the crash falling mid-interval / mid-schedule of the callbacks
+# (``--trainer.callbacks.init_args.X`` addresses the recipe's last callback).
+_SMALL_TEXT = ["--data.init_args.batch_size=8", "--data.init_args.synthetic_train_size=200",
+               "--model.init_args.exact_match_batches=1", "--model.init_args.max_new_tokens=4"]
+RESUME_ARGS: dict[str, list[str]] = {
+    "sft": _SMALL_TEXT,
+    "pld_pretrain": [*_SMALL_TEXT, "--trainer.callbacks.init_args.warmup_steps=0",
+                     "--trainer.callbacks.init_args.gamma=0.5"],
+}
+
+
+def _run(path, root, crash: bool = False, ckpt: str | None = None) -> dict:
+    args = ["fit", "--config", str(path), *EXTRA_SMOKE_ARGS.get(path.stem, []), *RESUME_ARGS.get(path.stem, []),
+            f"--trainer.default_root_dir={root}", "--wandb=disabled",
+            f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2",
+            "--trainer.check_val_every_n_epoch=null", "--trainer.accelerator=cpu", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0",
+            "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root}/ckpt",
+            f"--trainer.callbacks.every_n_train_steps={CRASH}", "--trainer.callbacks.save_top_k=-1",
+            "--trainer.callbacks+=tests.probe_callbacks.RankStateDump", f"--trainer.callbacks.out_dir={root}"]
+    if crash:
+        args += ["--trainer.callbacks+=tests.probe_callbacks.CrashAtStep", f"--trainer.callbacks.step={CRASH}"]
+    if ckpt:
+        args += ["--ckpt_path", ckpt]
+    main(args)
+    metrics = sorted(root.rglob("metrics.csv"))[-1].read_text().splitlines()  # the newest version_N
+    return {"state": json.loads((root / "rank0.json").read_text()), "metrics": metrics}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_same_seed_same_run_and_exact_resume(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = _run(path, tmp_path / "first")
+    second = _run(path, tmp_path / "second")
+    assert first["metrics"] == second["metrics"], "two runs with the same seed logged different metrics"
+    assert first["state"] == second["state"]
+
+    with pytest.raises(SystemError, match="simulated crash"):
+        _run(path, tmp_path / "crashed", crash=True)
+    ckpt = next((tmp_path / "crashed" / "ckpt").glob(f"*step={CRASH}.ckpt"))
+    resumed = _run(path, tmp_path / "crashed", ckpt=str(ckpt))
+    assert resumed["state"] == first["state"], "resumed run ended with other weights or callback state"
+    header, *rows = first["metrics"]
+    step_col = header.split(",").index("step")
+    after = [r for r in rows if int(r.split(",")[step_col]) >= CRASH]
+    resumed_header, *resumed_rows = resumed["metrics"]
+    assert resumed_header == header
+    assert [r for r in resumed_rows if int(r.split(",")[step_col]) >= CRASH] == after
