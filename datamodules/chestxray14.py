@@ -44,11 +44,11 @@ def parse_finding_labels(text: str, where: str) -> list[float]:
     return vector
 
 
-def read_data_entry(path: Path, images: dict[str, Path], bad: BadInput) -> dict[str, XrayRecord]:
-    """Records by image name from ``Data_Entry_2017.csv``; an image not on disk is reported when used."""
+def read_data_entry(path: Path, images: dict[str, Path], bad: BadInput) -> dict[str, XrayRecord | None]:
+    """Records by image name from ``Data_Entry_2017.csv`` (``None`` for a skipped row); images are checked later."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: point root at the NIH ChestX-ray14 folder")
-    records: dict[str, XrayRecord] = {}
+    records: dict[str, XrayRecord | None] = {}
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -62,13 +62,14 @@ def read_data_entry(path: Path, images: dict[str, Path], bad: BadInput) -> dict[
                 labels = parse_finding_labels(row["Finding Labels"], f"{where} (image {name})")
             except DataError as err:
                 bad("unknown_label", str(err))
+                records[name] = None
                 continue
             records[name] = XrayRecord(images.get(name, path.parent / "images" / name), labels, row["Patient ID"])
     return records
 
 
-def read_split_list(path: Path, records: dict[str, XrayRecord], bad: BadInput) -> list[XrayRecord]:
-    """The records named in an official split list, in file order."""
+def read_split_list(path: Path, records: dict[str, XrayRecord | None], bad: BadInput) -> list[XrayRecord]:
+    """The records named in an official split list, in file order (rows already skipped are left out quietly)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the NIH folder ships train_val_list.txt and test_list.txt")
     out = []
@@ -77,10 +78,10 @@ def read_split_list(path: Path, records: dict[str, XrayRecord], bad: BadInput) -
         if not name:
             continue
         if name not in records:
-            bad("not_in_csv", f"{path}:{lineno}: image {name!r} is listed in the split but absent from {CSV_NAME} "
-                              "(or its row was skipped)")
+            bad("not_in_csv", f"{path}:{lineno}: image {name!r} is listed in the split but absent from {CSV_NAME}")
             continue
-        out.append(records[name])
+        if records[name] is not None:
+            out.append(records[name])
     return out
 
 

@@ -62,7 +62,7 @@ def draw_phantom(rng: np.random.Generator, size: int, findings: set[str], patien
     lung_draw = ImageDraw.Draw(lungs)
     lung_ry = {"left": 0.27, "right": 0.27}
     if "Atelectasis" in findings:
-        lung_ry[rng.choice(["left", "right"])] = 0.19
+        lung_ry[rng.choice(["left", "right"])] = 0.16
     centers = {"right": 0.31, "left": 0.69}  # image left = patient's right
     for side, cx in centers.items():
         ry = lung_ry[side]
@@ -80,14 +80,14 @@ def draw_phantom(rng: np.random.Generator, size: int, findings: set[str], patien
     if "Pneumothorax" in findings:
         side = rng.choice(["left", "right"])
         cx = centers[side] + (-0.1 if side == "right" else 0.1)
-        region = box(cx, 0.4, 0.11, 0.22)
-        tex_draw.ellipse(region, fill=22)
-        tex_draw.arc(region, 0, 360, fill=115, width=max(1, s // 96))
+        region = box(cx, 0.4, 0.12, 0.24)
+        tex_draw.ellipse(region, fill=6)
+        tex_draw.arc(region, 0, 360, fill=140, width=max(1, s // 64))
     img.paste(texture, (0, 0), lungs)
     if "Edema" in findings:
         haze = Image.new("L", (s, s), 0)
-        ImageDraw.Draw(haze).ellipse(box(0.5, 0.42, 0.32, 0.2), fill=90)
-        img.paste(Image.new("L", (s, s), 120), (0, 0), Image.fromarray(
+        ImageDraw.Draw(haze).ellipse(box(0.5, 0.42, 0.32, 0.22), fill=160)
+        img.paste(Image.new("L", (s, s), 130), (0, 0), Image.fromarray(
             np.minimum(np.asarray(haze), np.asarray(lungs)).astype(np.uint8)).filter(ImageFilter.GaussianBlur(s / 20)))
     heart_rx, heart_ry = (0.22, 0.16) if "Cardiomegaly" in findings else (0.12, 0.12)
     heart_rx *= patient["heart"]
@@ -104,14 +104,14 @@ def draw_phantom(rng: np.random.Generator, size: int, findings: set[str], patien
     if "Consolidation" in findings:
         cx = centers[rng.choice(["left", "right"])]
         patch = Image.new("L", (s, s), 0)
-        ImageDraw.Draw(patch).ellipse(box(cx, 0.35, 0.1, 0.08), fill=255)
+        ImageDraw.Draw(patch).ellipse(box(cx, 0.33, 0.12, 0.1), fill=255)
         mask = np.minimum(np.asarray(patch), np.asarray(lungs)).astype(np.uint8)
         img.paste(Image.new("L", (s, s), 145), (0, 0), Image.fromarray(mask).filter(ImageFilter.GaussianBlur(s / 64)))
     if "Infiltration" in findings:
         for _ in range(5):
             cx = centers[rng.choice(["left", "right"])] + rng.uniform(-0.08, 0.08)
-            draw.ellipse(box(cx, rng.uniform(0.3, 0.55), 0.025, 0.02), fill=110)
-    for name, count, radius in (("Nodule", int(rng.integers(1, 4)), 0.025), ("Mass", 1, 0.075)):
+            draw.ellipse(box(cx, rng.uniform(0.3, 0.55), 0.04, 0.03), fill=115)
+    for name, count, radius in (("Nodule", int(rng.integers(2, 4)), 0.035), ("Mass", 1, 0.09)):
         if name in findings:
             for _ in range(count):
                 cx = centers[rng.choice(["left", "right"])] + rng.uniform(-0.06, 0.06)
