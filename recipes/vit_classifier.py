@@ -88,7 +88,8 @@ class ViTClassifierModule(L.LightningModule):
         self.model = timm.create_model(hp.model_name, pretrained=False, num_classes=len(labels), img_size=hp.img_size,
                                        in_chans=hp.in_chans, global_pool=hp.global_pool,
                                        drop_path_rate=hp.drop_path_rate, **(hp.model_kwargs or {}))
-        if hp.init_from:
+        restoring = self._trainer is not None and self._trainer.ckpt_path is not None
+        if hp.init_from and not restoring:  # a checkpoint being restored overwrites the init anyway
             fresh = load_encoder_weights(self.model, hp.init_from)
             rank_zero_info(f"Loaded encoder weights from {hp.init_from}; fresh: {fresh}")
         self.metrics = torch.nn.ModuleDict({s: MaskedMultilabelAUROC(len(labels)) for s in ("val", "test")})
