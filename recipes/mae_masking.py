@@ -53,7 +53,10 @@ def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generato
     n, length, dim = x.shape
     keep = num_kept(length, mask_ratio)
     if noise is None:
-        noise = torch.rand(n, length, generator=generator).to(x.device)
+        if generator is None:
+            noise = torch.rand(n, length, device=x.device)
+        else:
+            noise = torch.rand(n, length, generator=generator, device=generator.device).to(x.device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
