@@ -12,7 +12,12 @@ SMOKE_ARGS = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--tra
               "--trainer.check_val_every_n_epoch=1", "--trainer.val_check_interval=1.0", "--trainer.max_epochs=1",
               "--trainer.enable_checkpointing=false", "--trainer.accelerator=cpu", "--wandb=disabled"]
 # Recipe-specific settings that keep a smoke run small (e.g. fewer calibration batches).
-EXTRA_SMOKE_ARGS: dict[str, list[str]] = {}
+_SMALL_PHANTOM = ["--data.phantom_patients=8", "--data.phantom_image_size=64", "--data.batch_size=4"]
+EXTRA_SMOKE_ARGS: dict[str, list[str]] = {
+    "mae_pretrain_cxr": _SMALL_PHANTOM,
+    "vit_finetune_cxr": _SMALL_PHANTOM,
+    "vit_finetune_chexpert": _SMALL_PHANTOM,
+}
 
 
 def test_there_are_recipes():

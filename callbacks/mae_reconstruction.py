@@ -1,0 +1,87 @@
+"""Log MAE reconstructions (original / masked / reconstruction rows) to the loggers and as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+from typing_extensions import override
+
+
+class MAEReconstructionLogger(Callback):
+    """After validation every ``every_n_epochs``, reconstruct the first validation images and save a grid.
+
+    The mask is drawn from a fixed seed (inside ``torch.random.fork_rng``), so grids of different epochs show the
+    same masked patches and the training RNG stream is untouched. Works with any module that has
+    ``reconstruct(images) -> (mask, reconstruction)`` (``MAEPretrainModule``).
+
+    Args:
+        every_n_epochs: how often (in epochs with a validation run).
+        num_images: images per grid (columns).
+        dirpath: PNG folder; default ``<run dir>/mae_reconstructions``.
+        seed: seed of the displayed masks.
+    """
+
+    def __init__(self, every_n_epochs: int = 10, num_images: int = 8, dirpath: str | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if every_n_epochs < 1 or num_images < 1:
+            raise ValueError(f"every_n_epochs and num_images must be positive, got {every_n_epochs}, {num_images}")
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.dirpath = dirpath
+        self.seed = seed
+        self._images: torch.Tensor | None = None
+        self.saved: list[Path] = []
+
+    @override
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._images is None or self._images.shape[0] < self.num_images:
+            images = batch["image"][: self.num_images].detach().cpu()
+            self._images = images if self._images is None else torch.cat([self._images, images])[: self.num_images]
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self._images is None or trainer.current_epoch % self.every_n_epochs:
+            return
+        if not hasattr(pl_module, "reconstruct"):
+            raise TypeError(f"MAEReconstructionLogger needs a module with reconstruct(images); got "
+                            f"{type(pl_module).__name__}")
+        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            mask, recon = pl_module.reconstruct(self._images.to(pl_module.device))
+        grid = self.make_grid(self._images, mask.cpu(), recon.cpu())
+        self._log(trainer, grid)
+
+    def make_grid(self, original: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Rows original / masked (removed patches gray) / reconstruction, scaled by each original's own range."""
+        low = original.amin(dim=(1, 2, 3), keepdim=True)
+        high = original.amax(dim=(1, 2, 3), keepdim=True)
+
+        def scale(x: torch.Tensor) -> torch.Tensor:
+            return ((x - low) / (high - low).clamp(min=1e-6)).clamp(0, 1)
+
+        masked_view = torch.where(mask.bool(), torch.full_like(original, 0.5), scale(original))
+        rows = torch.cat([scale(original), masked_view, scale(recon)])
+        return make_grid(rows, nrow=original.shape[0], padding=2, pad_value=1.0)
+
+    @rank_zero_only
+    def _log(self, trainer: L.Trainer, grid: torch.Tensor) -> None:
+        folder = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / \
+            "mae_reconstructions"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"epoch_{trainer.current_epoch:04d}.png"
+        save_image(grid, path)
+        self.saved.append(path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="mae/reconstruction", images=[grid], step=trainer.global_step,
+                                 caption=["rows: original / masked / reconstruction"])
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("mae/reconstruction", grid, global_step=trainer.global_step)

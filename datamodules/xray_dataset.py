@@ -1,0 +1,135 @@
+"""What the chest X-ray data modules share: records, the dataset, bad-input bookkeeping, the patient split, loaders."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.jsonl_records import DataError
+from datamodules.xray_transforms import RAND_AUGMENT, build_xray_transform, image_problem, load_xray
+
+
+@dataclass
+class XrayRecord:
+    """One image: its file, its label vector (1 / 0, or -1 = ignored) and its patient."""
+
+    path: Path
+    labels: list[float]
+    patient: str
+
+
+class XrayDataset(Dataset):
+    """``{"image": (C, S, S) tensor, "labels": (K,) float tensor}`` per record."""
+
+    def __init__(self, records: list[XrayRecord], transform: Callable) -> None:
+        self.records = records
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        return {"image": self.transform(load_xray(record.path)),
+                "labels": torch.tensor(record.labels, dtype=torch.float32)}
+
+
+class BadInput:
+    """Raises a ``DataError`` for each problem, or with ``skip=True`` counts it by kind and keeps a few examples."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip = skip
+        self.counts: dict[str, int] = {}
+        self.examples: list[str] = []
+
+    def __call__(self, kind: str, message: str) -> None:
+        if not self.skip:
+            raise DataError(f"{message} (pass skip_bad=True to skip such entries)")
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.examples) < 5:
+            self.examples.append(message)
+
+    def warn(self, source: str) -> None:
+        if self.counts:
+            rank_zero_warn(f"{source}: skipped {sum(self.counts.values())} bad entries {self.counts}; e.g. "
+                           + "; ".join(self.examples))
+
+
+def check_images(records: list[XrayRecord], bad: BadInput, verify: bool) -> list[XrayRecord]:
+    """Records whose image exists (and, with ``verify``, whose header reads); others go to ``bad``."""
+    kept = []
+    for record in records:
+        problem = image_problem(record.path) if verify else (None if record.path.is_file() else "missing")
+        if problem is None:
+            kept.append(record)
+        else:
+            kind = "missing_image" if problem == "missing" else "unreadable_image"
+            bad(kind, f"Image file {record.path} is {problem}")
+    return kept
+
+
+def patient_split(records: list[XrayRecord], val_fraction: float,
+                  seed: int) -> tuple[list[XrayRecord], list[XrayRecord]]:
+    """Seeded split by patient: no patient has images on both sides; ``val_fraction`` of the patients go to val."""
+    patients = sorted({r.patient for r in records})
+    if len(patients) < 2:
+        raise DataError(f"Cannot carve a patient-disjoint validation split from {len(patients)} patient(s)")
+    random.Random(seed).shuffle(patients)
+    n_val = min(len(patients) - 1, max(1, math.ceil(val_fraction * len(patients))))
+    val_patients = set(patients[:n_val])
+    return [r for r in records if r.patient not in val_patients], [r for r in records if r.patient in val_patients]
+
+
+class XrayDataModule(L.LightningDataModule):
+    """Base of ``ChestXray14DataModule`` / ``CheXpertDataModule``: subclasses fill ``self.splits`` in ``setup``.
+
+    Batches are ``{"image": (B, C, S, S), "labels": (B, K)}``; label entries ``-1`` are to be ignored.
+    """
+
+    def __init__(self, image_size: int, in_chans: int, mode: str, batch_size: int, num_workers: int,
+                 rand_augment: str | None, crop_scale: tuple[float, float], mean: tuple[float, ...] | None,
+                 std: tuple[float, ...] | None) -> None:
+        super().__init__()
+        if mode not in ("pretrain", "finetune"):
+            raise ValueError(f"mode must be 'pretrain' (MAE crops) or 'finetune' (RandAugment), got {mode!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size = batch_size
+        self.label_names: list[str] = []
+        self.splits: dict[str, list[XrayRecord]] = {}
+        kwargs = {"image_size": image_size, "in_chans": in_chans, "mean": mean, "std": std}
+        self.train_transform = build_xray_transform(mode, crop_scale=tuple(crop_scale), rand_augment=rand_augment,
+                                                    **kwargs)
+        self.eval_transform = build_xray_transform("eval", **kwargs)
+        self.num_workers = num_workers
+
+    def dataset(self, split: str) -> XrayDataset:
+        if split not in self.splits:
+            raise RuntimeError(f"No {split!r} split: call setup() first (have {sorted(self.splits)})")
+        transform = self.train_transform if split == "train" else self.eval_transform
+        return XrayDataset(self.splits[split], transform)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, drop_last=shuffle and len(self.splits[split]) > self.batch_size,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+__all__ = ["RAND_AUGMENT", "BadInput", "XrayDataModule", "XrayDataset", "XrayRecord", "check_images", "patient_split"]

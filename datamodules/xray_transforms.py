@@ -1,0 +1,106 @@
+"""The one image pipeline of the chest X-ray data modules: load as 8-bit grayscale once, augment, tensorize.
+
+Modes:
+- ``pretrain`` (MAE): RandomResizedCrop(scale 0.5-1.0) + horizontal flip (arXiv 2210.12843).
+- ``finetune``: RandomResizedCrop(scale 0.5-1.0) + flip + RandAugment ``rand-m6-mstd0.5-inc1`` (timm's
+  ``rand_augment_transform``, the policy string of the paper; no mixup/cutmix).
+- ``eval``: resize the short side to ``image_size / crop_pct`` and center crop ``image_size``.
+
+Every image becomes one gray channel first (RGB/RGBA PNGs and 16-bit PNGs included); with ``in_chans=3`` the
+gray channel is replicated after augmentation, as the paper's code does for ImageNet-shaped encoders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from datamodules.jsonl_records import DataError
+
+Mode = Literal["pretrain", "finetune", "eval"]
+RAND_AUGMENT = "rand-m6-mstd0.5-inc1"
+# ImageNet statistics (3 channels) and their channel means (1 channel), the normalization of the paper's code.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
+
+
+def load_xray(path: str | Path) -> Image.Image:
+    """Open an X-ray as an 8-bit single-channel ``L`` image; a missing or unreadable file is a ``DataError``."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") else max(1.0, float(arr.max()))
+                return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+            return im.convert("L")
+    except FileNotFoundError as err:
+        raise DataError(f"Image file {path} does not exist") from err
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"Image file {path} is unreadable: {err}") from err
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used (``missing`` / ``unreadable: ...``), or ``None``; reads the header only."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - the header parse is the check
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return f"unreadable ({err})"
+    return None
+
+
+class _ToChannels:
+    """``(1, H, W)`` gray tensor to ``in_chans`` channels."""
+
+    def __init__(self, in_chans: int) -> None:
+        self.in_chans = in_chans
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.in_chans == 1 else x.expand(self.in_chans, -1, -1).contiguous()
+
+
+def build_xray_transform(mode: Mode, image_size: int = 224, in_chans: int = 1,
+                         crop_scale: tuple[float, float] = (0.5, 1.0),
+                         rand_augment: str | None = RAND_AUGMENT, crop_pct: float = 0.875,
+                         mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> T.Compose:
+    """The transform of one mode, from a grayscale PIL image to a normalized ``(in_chans, S, S)`` tensor.
+
+    Args:
+        mode: ``pretrain``, ``finetune`` or ``eval``.
+        image_size: output side in pixels.
+        in_chans: 1 (gray) or 3 (gray replicated).
+        crop_scale: RandomResizedCrop area range of the training modes (paper: 0.5-1.0).
+        rand_augment: timm RandAugment policy for ``finetune``; ``None`` disables it.
+        crop_pct: eval center crop as a share of the resized short side.
+        mean / std: normalization; default ImageNet statistics (their channel mean for one channel).
+    """
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if mode not in ("pretrain", "finetune", "eval"):
+        raise ValueError(f"mode must be 'pretrain', 'finetune' or 'eval', got {mode!r}")
+    mean = tuple(mean) if mean is not None else (GRAY_MEAN if in_chans == 1 else IMAGENET_MEAN)
+    std = tuple(std) if std is not None else (GRAY_STD if in_chans == 1 else IMAGENET_STD)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(f"mean/std need {in_chans} value(s), got {mean} / {std}")
+    bicubic = T.InterpolationMode.BICUBIC
+    if mode == "eval":
+        steps = [T.Resize(int(round(image_size / crop_pct)), interpolation=bicubic), T.CenterCrop(image_size)]
+    else:
+        steps = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic),
+                 T.RandomHorizontalFlip()]
+        if mode == "finetune" and rand_augment:
+            from timm.data.auto_augment import rand_augment_transform
+
+            # img_mean as an int: fill value for the single-channel image (timm's default is an RGB tuple).
+            steps.append(rand_augment_transform(rand_augment, {"translate_const": int(image_size * 0.45),
+                                                               "img_mean": 128}))
+    steps += [T.ToTensor(), _ToChannels(in_chans), T.Normalize(mean, std)]
+    return T.Compose(steps)

@@ -1,0 +1,92 @@
+"""ViT fine-tuning: layer-decay groups, checkpoint loading, masked BCE, AUROC with undefined labels."""
+
+import csv
+
+import pytest
+import torch
+
+from recipes.mae_pretrain import MAEPretrainModule
+from recipes.multilabel_auroc import MaskedMultilabelAUROC, write_auroc_table
+from recipes.vit_classifier import ViTClassifierModule
+from recipes.vit_optim import layer_decay_groups
+
+TINY = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
+LABELS = ["a", "b", "c"]
+
+
+def classifier(**kwargs) -> ViTClassifierModule:
+    torch.manual_seed(0)
+    args = {"model_name": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": TINY, "label_names": LABELS, **kwargs}
+    return ViTClassifierModule(**args)
+
+
+def expected_layer(name: str) -> int:
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    assert name.startswith(("fc_norm.", "head.")), name
+    return 4
+
+
+def test_layer_decay_groups_scale_every_parameter():
+    model = classifier().model
+    groups = layer_decay_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=0.55)
+    seen = {}
+    for group in groups:
+        for name, param in zip(group["param_names"], group["params"], strict=True):
+            assert name not in seen
+            seen[name] = group
+            layer = expected_layer(name)
+            assert group["lr_scale"] == pytest.approx(0.55 ** (4 - layer))
+            assert group["lr"] == pytest.approx(1e-3 * 0.55 ** (4 - layer))
+            no_decay = param.ndim == 1 or name in ("cls_token", "pos_embed")
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+    assert set(seen) == {n for n, _ in model.named_parameters()}
+    assert seen["head.weight"]["lr_scale"] == 1.0 and seen["patch_embed.proj.weight"]["lr_scale"] == 0.55 ** 4
+
+
+def test_loads_mae_encoder_and_rejects_a_mismatched_one(tmp_path):
+    mae = MAEPretrainModule(model_name="vit_tiny_patch16_224", img_size=32, model_kwargs=TINY, decoder_dim=16,
+                            decoder_depth=1, decoder_heads=2)
+    path = mae.export_encoder_to(tmp_path / "encoder.pth")
+    model = classifier(init_from=str(path)).model
+    for name, tensor in mae.encoder.state_dict().items():
+        if not name.startswith("norm."):
+            assert torch.equal(model.state_dict()[name], tensor), name
+    # The Lightning checkpoint form (encoder.* keys, decoder dropped) loads the same weights.
+    torch.save({"state_dict": mae.state_dict()}, tmp_path / "mae.ckpt")
+    again = classifier(init_from=str(tmp_path / "mae.ckpt")).model
+    assert torch.equal(again.blocks[2].mlp.fc1.weight, mae.encoder.blocks[2].mlp.fc1.weight)
+    deeper = MAEPretrainModule(model_name="vit_tiny_patch16_224", img_size=32, model_kwargs={**TINY, "depth": 4},
+                               decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    deeper.export_encoder_to(tmp_path / "deep.pth")
+    with pytest.raises(ValueError, match=r"unexpected \['blocks.3"):
+        classifier(init_from=str(tmp_path / "deep.pth"))
+
+
+def test_loss_ignores_masked_entries():
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]])
+    labels = torch.tensor([[1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = (bce(logits[0, 0], labels[0, 0]) + bce(logits[0, 1], labels[0, 1]) + bce(logits[1, 1], labels[1, 1])
+                + bce(logits[1, 2], labels[1, 2])) / 4
+    assert ViTClassifierModule.loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_auroc_undefined_labels_are_left_out_of_the_mean(tmp_path):
+    metric = MaskedMultilabelAUROC(3)
+    scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.6], [0.6, 0.4, 0.2], [0.1, 0.3, 0.9]])
+    target = torch.tensor([[1, 0, 0], [0, 1, 0], [0, -1, 0], [1, 0, 0]])
+    metric.update(scores[:2], target[:2])
+    metric.update(scores[2:], target[2:])
+    macro, per_label, positives, negatives = metric.compute()
+    # Label a: positives {0.9, 0.1}, negatives {0.2, 0.6}: 2 of 4 pairs ordered -> 0.5. Label b: the ignored
+    # entry dropped, positive 0.8 above both negatives -> 1.0. Label c has no positives -> undefined.
+    assert per_label[0] == pytest.approx(0.5) and per_label[1] == pytest.approx(1.0) and per_label[2] is None
+    assert macro == pytest.approx(0.75)
+    assert positives == [2, 1, 0] and negatives == [2, 2, 4]
+    csv_path, png_path = write_auroc_table(tmp_path / "test_auroc", LABELS, per_label, positives, negatives, macro)
+    rows = list(csv.reader(csv_path.open()))
+    assert rows[3] == ["c", "undefined", "0", "4"] and rows[4][:2] == ["macro", "0.7500"]
+    assert png_path.stat().st_size > 0
