@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+import random
+from collections.abc import Callable, Iterator, Sized
+from contextlib import contextmanager
 
 import lightning as L
+import torch
 from torch.utils.data import DistributedSampler
 
 
@@ -12,22 +15,60 @@ class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (seeded permutation per epoch, one shard per rank) that can skip the batches an
     interrupted run already trained on, so a run resumed mid-epoch sees exactly the batches the uninterrupted run
     would have seen. Being a ``DistributedSampler``, Lightning keeps it as is under DDP instead of wrapping it.
+
+    With ``with_seeds=True`` it yields ``(index, seed)`` pairs instead of indices: a per-sample, per-epoch seed for
+    random augmentation (see :func:`seeded_rng`), so augmentation does not depend on the global random state, on
+    the number of workers or on prefetching, and a resumed run augments exactly as the uninterrupted one.
+
+    ``samples_done`` is asked at the start of every epoch how many samples (on this rank) the epoch already
+    trained on before an interruption; they are skipped.
     """
 
-    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 with_seeds: bool = False, samples_done: Callable[[], int] | None = None):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.skip = 0
+        self.with_seeds = with_seeds
+        self.samples_done = samples_done
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         indices = list(super().__iter__())
-        skip, self.skip = self.skip, 0  # only the first epoch after a resume is shortened
-        return iter(indices[skip:])
+        skip = self.samples_done() if self.samples_done is not None else 0
+        if not self.with_seeds:
+            return iter(indices[skip:])
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_033
+        return iter([(i, (base + i) % 2**62) for i in indices[skip:]])
 
 
-def resumable_sampler(dataset: Sized, trainer: L.Trainer | None, batch_size: int, seed: int) -> ResumableSampler:
+@contextmanager
+def seeded_rng(seed: int):
+    """Run a block with the global ``torch`` and ``random`` generators seeded, restoring their state afterwards."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
+def apply_seeded(transform: Callable, value, seed: int | None):
+    """``transform(value)``, drawn from ``seed`` when one is given (see ``ResumableSampler(with_seeds=True)``)."""
+    if seed is None:
+        return transform(value)
+    with seeded_rng(seed):
+        return transform(value)
+
+
+def resumable_sampler(dataset: Sized, trainer: L.Trainer | None, batch_size: int, seed: int,
+                      with_seeds: bool = False) -> ResumableSampler:
     """A sampler for the current trainer's rank layout that skips the batches already trained this epoch."""
-    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=seed)
-    if trainer is not None and trainer.fit_loop.restarting:
-        sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.completed * batch_size
-    return sampler
+    if trainer is None:
+        return ResumableSampler(dataset, seed=seed, with_seeds=with_seeds)
+
+    def samples_done() -> int:  # asked when the epoch's iterator is created, after a checkpoint was restored
+        loop = trainer.fit_loop.epoch_loop
+        return loop.batch_progress.current.completed * batch_size if loop.restarting else 0
+
+    return ResumableSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=seed,
+                            with_seeds=with_seeds, samples_done=samples_done)

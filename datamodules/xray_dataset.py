@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.jsonl_records import DataError
+from datamodules.resumable_sampler import apply_seeded, resumable_sampler
 from datamodules.xray_transforms import RAND_AUGMENT, build_xray_transform, image_problem, load_xray
 
 
@@ -36,9 +37,11 @@ class XrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """``key`` is an index, or ``(index, seed)`` from ``ResumableSampler(with_seeds=True)`` for training."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         record = self.records[index]
-        return {"image": self.transform(load_xray(record.path)),
+        return {"image": apply_seeded(self.transform, load_xray(record.path), seed),
                 "labels": torch.tensor(record.labels, dtype=torch.float32)}
 
 
@@ -118,8 +121,12 @@ class XrayDataModule(L.LightningDataModule):
         return XrayDataset(self.splits[split], transform)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, drop_last=shuffle and len(self.splits[split]) > self.batch_size,
+        dataset = self.dataset(split)
+        # training order: seeded per epoch, identical on every rank, resumable mid-epoch
+        sampler = resumable_sampler(dataset, self.trainer, self.batch_size, self.hparams.get("seed", 0),
+                                    with_seeds=True) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=shuffle and len(self.splits[split]) > self.batch_size,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

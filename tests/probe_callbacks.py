@@ -65,3 +65,4 @@ class CrashAtStep(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise SystemError(f"simulated crash at step {self.step}")
+
