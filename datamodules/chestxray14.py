@@ -99,7 +99,8 @@ class ChestXray14DataModule(XrayDataModule):
         seed: seed of the patient split.
         skip_bad: skip (count and log) bad entries instead of raising: missing/unreadable image, unknown label,
             image listed in a split but absent from the CSV. A missing column is always an error.
-        verify_images: read every image header at setup (catches unreadable files early; otherwise only existence).
+        verify_images: check every image file at setup without decoding it (catches truncated or unreadable files
+            early; otherwise only existence).
         rand_augment / crop_scale / mean / std: see ``datamodules.xray_transforms.build_xray_transform``.
         phantom_dir / phantom_patients / phantom_image_size: the generated set used when ``root`` is ``None``.
         num_workers: DataLoader workers.

@@ -29,10 +29,17 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
 
 
+# Modes an X-ray file may come in (gray, 16-bit gray, or gray stored as RGB/palette); anything else is refused.
+IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L")
+
+
 def load_xray(path: str | Path) -> Image.Image:
     """Open an X-ray as an 8-bit single-channel ``L`` image; a missing or unreadable file is a ``DataError``."""
     try:
         with Image.open(path) as im:
+            if im.mode not in IMAGE_MODES:
+                raise DataError(f"Image file {path} has mode {im.mode!r}; expected a gray (L, I;16), RGB or palette "
+                                "image")
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
@@ -46,12 +53,18 @@ def load_xray(path: str | Path) -> Image.Image:
 
 
 def image_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be used (``missing`` / ``unreadable: ...``), or ``None``; reads the header only."""
+    """Why ``path`` cannot be used (``missing`` / ``unreadable: ...``), or ``None``.
+
+    Reads the file without decoding the pixels (``verify`` checks the structure and checksums, so a truncated PNG is
+    caught here rather than hours into training).
+    """
     if not path.is_file():
         return "missing"
     try:
         with Image.open(path) as im:
-            im.size  # noqa: B018 - the header parse is the check
+            if im.mode not in IMAGE_MODES:
+                return f"unreadable (mode {im.mode!r}; expected a gray, RGB or palette image)"
+            im.verify()
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         return f"unreadable ({err})"
     return None

@@ -39,6 +39,8 @@ class RecipesCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 42)
+        # a misspelled option must be an error, not silently read as an abbreviation of a longer one
+        kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})  # subcommand parsers inherit it
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
