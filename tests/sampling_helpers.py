@@ -31,6 +31,9 @@ class TinyLM(L.LightningModule):
             self.model.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
         self.lr, self.optimizer_cls, self.optimizer_kwargs = lr, optimizer_cls, optimizer_kwargs
 
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
     def training_step(self, batch, batch_idx):
         (ids,) = batch
         loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
