@@ -81,6 +81,7 @@ class LISA(Callback):
         self.parts: ModelParts | None = None
         self._block_params: list[list[nn.Parameter]] = []
         self._always_on: list[nn.Parameter] = []
+        self._frozen_parts: list[nn.Parameter] = []
 
     # ------------------------------------------------------------------------------------------------ setup
     @override
@@ -93,14 +94,14 @@ class LISA(Callback):
         named = dict(pl_module.named_parameters())
         # parameters frozen before we start (e.g. by the user) stay frozen
         self._block_params = [[p for p in block.parameters() if p.requires_grad] for block in parts.blocks]
-        frozen_parts = [part for part, on in (("embedding", self.train_embedding), ("head", self.train_head),
-                                               ("final_norm", self.train_norm)) if not on]
-        self._always_on = [named[n] for n in parts.embedding + parts.head + parts.final_norm + parts.other
-                           if named[n].requires_grad]
-        for part in frozen_parts:
-            for name in parts.part_names(part):
-                named[name].requires_grad_(False)
-                self._always_on = [p for p in self._always_on if p is not named[name]]
+        off = [part for part, on in (("embedding", self.train_embedding), ("head", self.train_head),
+                                     ("final_norm", self.train_norm)) if not on]
+        off_names = [n for part in off for n in parts.part_names(part)]
+        outside = [named[n] for n in parts.embedding + parts.head + parts.final_norm + parts.other]
+        self._frozen_parts = [named[n] for n in off_names if named[n].requires_grad]
+        self._always_on = [p for p in outside if p.requires_grad and all(p is not q for q in self._frozen_parts)]
+        for param in self._frozen_parts:
+            param.requires_grad_(False)
         self.parts = parts
         if not self.train_embedding:
             _enable_input_require_grads(pl_module)
@@ -110,6 +111,12 @@ class LISA(Callback):
         # the optimizer exists (and a resumed state is loaded): freeze everything but the restored active set
         for index in range(len(self._block_params)):
             self._set_block(trainer, index, index in self.active)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # leave the model as we found it (e.g. for a later fit or for saving adapters)
+        for param in self._frozen_parts + [p for block in self._block_params for p in block]:
+            param.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------- sampling
     def sampling_weights(self, num_blocks: int) -> torch.Tensor:

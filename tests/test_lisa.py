@@ -100,6 +100,7 @@ def test_frozen_always_on_parts_and_no_double_draw_at_start(tmp_path):
     assert torch.equal(after["model.lm_head.weight"], before["model.lm_head.weight"])
     assert not torch.equal(after["model.model.norm.weight"], before["model.model.norm.weight"])
     assert moved_blocks(module, before) == set(lisa.active)
+    assert all(p.requires_grad for p in module.parameters())  # the model is handed back unfrozen
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
