@@ -43,8 +43,11 @@ MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "n
 METHODS = ("full", "lora", "lisa", "owlore")
 
 
+BATCH = {"size": 32}
+
+
 def data(work: Path, tasks: tuple[str, ...], size: int, seed: int) -> InstructionDataModule:
-    return InstructionDataModule(tokenizer="char", max_length=40, batch_size=32, seed=seed,
+    return InstructionDataModule(tokenizer="char", max_length=40, batch_size=BATCH["size"], seed=seed,
                                  synthetic_dir=str(work / "-".join(tasks)), synthetic_train_size=size,
                                  synthetic_tasks=tasks)
 
@@ -98,10 +101,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora_lr", type=float, default=3e-3)
+    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
-    if args.quick:
-        args.pretrain_steps, args.steps = 300, 100
+    if args.quick:  # fits in ~15 minutes on a busy 2-core CPU
+        args.pretrain_steps, args.steps, args.batch_size = 120, 50, 16
+    BATCH["size"] = args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base = pretrain(work, args.pretrain_steps)
@@ -112,6 +117,7 @@ def main() -> None:
         base_metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(
             base_module, datamodule=datamodule, verbose=False)[0]
     summary = {"benchmark": "layer_sampling_quality", "pretrain_steps": args.pretrain_steps,
+               "batch_size": args.batch_size,
                "finetune_steps": args.steps, "seeds": args.seeds,
                "base_before_finetuning": {"exact_match": round(base_metrics["test/exact_match"], 4),
                                           "loss": round(base_metrics["test/loss"], 4)},
