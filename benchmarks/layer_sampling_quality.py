@@ -43,11 +43,8 @@ MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "n
 METHODS = ("full", "lora", "lisa", "owlore")
 
 
-BATCH = {"size": 32}
-
-
-def data(work: Path, tasks: tuple[str, ...], size: int, seed: int) -> InstructionDataModule:
-    return InstructionDataModule(tokenizer="char", max_length=40, batch_size=BATCH["size"], seed=seed,
+def data(work: Path, tasks: tuple[str, ...], size: int, seed: int, batch_size: int) -> InstructionDataModule:
+    return InstructionDataModule(tokenizer="char", max_length=40, batch_size=batch_size, seed=seed,
                                  synthetic_dir=str(work / "-".join(tasks)), synthetic_train_size=size,
                                  synthetic_tasks=tasks)
 
@@ -60,16 +57,17 @@ def fit(module: CausalLMModule, datamodule, steps: int, callbacks=()) -> L.Train
     return trainer
 
 
-def pretrain(work: Path, steps: int) -> Path:
+def pretrain(work: Path, steps: int, batch_size: int) -> Path:
     L.seed_everything(0, verbose=False)
     module = CausalLMModule(model_config=MODEL, optimizer=partial(torch.optim.AdamW, lr=3e-3), warmup_steps=20)
-    fit(module, data(work, ("addition", "reversal"), 4000, 0), steps)
+    fit(module, data(work, ("addition", "reversal"), 4000, 0, batch_size), steps)
     path = work / "base"
     module.model.save_pretrained(path)
     return path
 
 
-def finetune(method: str, base: Path, work: Path, steps: int, seed: int, lr: float, lora_lr: float) -> dict:
+def finetune(method: str, base: Path, work: Path, steps: int, seed: int, lr: float, lora_lr: float,
+             batch_size: int) -> dict:
     L.seed_everything(seed, verbose=False)
     callbacks, lora, optimizer = [], None, partial(torch.optim.AdamW, lr=lr)
     if method == "lora":
@@ -81,7 +79,7 @@ def finetune(method: str, base: Path, work: Path, steps: int, seed: int, lr: flo
         optimizer = partial(GaLoreAdamW, lr=lr, rank=MODEL["hidden_size"] // 8, update_proj_gap=100, scale=1.0)
     module = CausalLMModule(model_path=str(base), optimizer=optimizer, warmup_steps=10, lora=lora,
                             exact_match_batches=100, max_new_tokens=8)
-    datamodule = data(work, ("sorting",), 2000, seed)
+    datamodule = data(work, ("sorting",), 2000, seed, batch_size)
     start = time.perf_counter()
     trainer = fit(module, datamodule, steps, callbacks)
     seconds = time.perf_counter() - start
@@ -104,16 +102,16 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
-    if args.quick:  # fits in ~15 minutes on a busy 2-core CPU
-        args.pretrain_steps, args.steps, args.batch_size = 120, 50, 16
-    BATCH["size"] = args.batch_size
+    if args.quick:  # ~15 minutes on a busy shared 2-core CPU (OMP_NUM_THREADS=1 helps there)
+        args.pretrain_steps, args.steps, args.batch_size = 80, 30, 16
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = pretrain(work, args.pretrain_steps)
-        runs = {m: [finetune(m, base, work, args.steps, s, args.lr, args.lora_lr) for s in range(args.seeds)]
+        base = pretrain(work, args.pretrain_steps, args.batch_size)
+        runs = {m: [finetune(m, base, work, args.steps, s, args.lr, args.lora_lr, args.batch_size)
+                    for s in range(args.seeds)]
                 for m in args.methods.split(",")}
         base_module = CausalLMModule(model_path=str(base), exact_match_batches=100, max_new_tokens=8)
-        datamodule = data(work, ("sorting",), 2000, 0)
+        datamodule = data(work, ("sorting",), 2000, 0, args.batch_size)
         base_metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(
             base_module, datamodule=datamodule, verbose=False)[0]
     summary = {"benchmark": "layer_sampling_quality", "pretrain_steps": args.pretrain_steps,
