@@ -1,0 +1,199 @@
+"""OwLore: outlier-weighted layerwise sampling with low-rank gradients (Li et al. 2024, arXiv 2405.18380).
+
+LISA (:class:`~callbacks.lisa.LISA`) with non-uniform block probabilities: blocks with more weight outliers are
+sampled more often. The score of block l is OWL's layerwise outlier distribution (arXiv 2310.05175):
+
+    A_ij = |W_ij| * ||X_j||_2                       (Wanda score; ||X_j|| over the calibration tokens)
+    D_l  = 100 * #{A > M * mean(A)} / #A           (pooled over all nn.Linear weights of block l)
+    p_l  = D_l / sum_k D_k                          (OwLore code: no temperature)
+
+and ``n_layers`` blocks are drawn without replacement with these weights (so a block's inclusion probability
+is not ``n_layers * p_l``). The scores are computed at fit start from ``calibration_batches`` training batches
+(padding tokens included), given as ``scores``, or cached in ``scores_file`` (the OwLore code reads a
+precomputed file only, and from a wrong path).
+
+The 2-D weights of the blocks are trained with GaLore low-rank gradients: the module's optimizer must be
+:class:`~callbacks.galore.GaLoreAdamW` (``optimizer: {class_path: callbacks.galore.GaLoreAdamW, init_args: {rank:
+256, update_proj_gap: 100, scale: 1.0}}``, OwLore's script values); embedding, head and norms get plain AdamW.
+A deactivated block's state (moments and projector) is released, so a re-sampled block gets a fresh projector
+and fresh moments. ``galore=False`` gives outlier-weighted LISA with any optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from callbacks.galore import GaLoreAdamW
+from callbacks.lisa import LISA
+
+
+@torch.no_grad()
+def outlier_scores(blocks: Sequence[nn.Module], batches: Iterable, forward: Callable[[object], object],
+                   threshold: float = 5.0) -> list[float]:
+    """OWL outlier ratio D_l (percent) of every block, from the inputs of its ``nn.Linear`` layers.
+
+    ``forward(batch)`` runs the model on one batch; hooks on the blocks' linear layers accumulate the squared
+    L2 norm of every input feature over all tokens.
+    """
+    linears = [[m for m in block.modules() if isinstance(m, nn.Linear)] for block in blocks]
+    sq_norms: dict[nn.Linear, torch.Tensor] = {}
+
+    def hook(module: nn.Linear, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, module.in_features).float()
+        sq_norms[module] = sq_norms.get(module, 0) + x.pow(2).sum(0)
+
+    handles = [lin.register_forward_pre_hook(hook) for block in linears for lin in block]
+    try:
+        for batch in batches:
+            forward(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores = []
+    for index, block in enumerate(linears):
+        if not block or any(lin not in sq_norms for lin in block):
+            raise ValueError(f"Block {index} has no nn.Linear layer that ran during calibration; OwLore needs them")
+        metric = torch.cat([(lin.weight.detach().float().abs() * sq_norms[lin].sqrt()).flatten() for lin in block])
+        scores.append(float((metric > threshold * metric.mean()).float().mean() * 100))
+    return scores
+
+
+class OwLore(LISA):
+    """Outlier-weighted layerwise sampling with GaLore low-rank gradients for the sampled blocks.
+
+    Args:
+        n_layers: blocks trained at a time (OwLore's scripts: 5; at most the number of blocks).
+        interval: optimizer steps between draws (OwLore's scripts: 50).
+        train_embedding, train_head, train_norm: always-on parts, as in :class:`~callbacks.lisa.LISA`.
+        outlier_threshold: M, an entry is an outlier when its score exceeds M times the mean (OWL paper: 5; OWL
+            code default: 3).
+        calibration_batches: training batches used to compute the scores (OWL: 128 sequences).
+        scores: per-block outlier scores D_l given directly (skips calibration).
+        scores_file: JSON cache ``{"scores": [...]}``: read when it exists, else written after calibration.
+        galore: project the blocks' 2-D weight gradients (needs :class:`~callbacks.galore.GaLoreAdamW`).
+        seed: seed of the sampling generator (the same on every rank).
+        blocks_path: dotted path to the blocks for models the block finder does not know.
+    """
+
+    def __init__(
+        self,
+        n_layers: int = 5,
+        interval: int = 50,
+        train_embedding: bool = True,
+        train_head: bool = True,
+        train_norm: bool = True,
+        outlier_threshold: float = 5.0,
+        calibration_batches: int = 4,
+        scores: Sequence[float] | None = None,
+        scores_file: str | None = None,
+        galore: bool = True,
+        seed: int = 0,
+        blocks_path: str | None = None,
+    ) -> None:
+        super().__init__(n_layers=n_layers, interval=interval, train_embedding=train_embedding,
+                         train_head=train_head, train_norm=train_norm, weights=None, seed=seed,
+                         blocks_path=blocks_path)
+        if outlier_threshold <= 0:
+            raise ValueError(f"outlier_threshold must be positive, got {outlier_threshold}")
+        if calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be at least 1, got {calibration_batches}")
+        if scores is not None and (any(s < 0 for s in scores) or sum(scores) <= 0):
+            raise ValueError(f"scores must be non-negative with a positive sum, got {list(scores)}")
+        self.outlier_threshold = outlier_threshold
+        self.calibration_batches = calibration_batches
+        self.scores = [float(s) for s in scores] if scores is not None else None
+        self.scores_file = scores_file
+        self.galore = galore
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.galore:
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            if not isinstance(optimizer, GaLoreAdamW):
+                raise TypeError(f"OwLore(galore=True) needs the GaLoreAdamW optimizer, got {type(optimizer).__name__}"
+                                ": set model.optimizer.class_path to callbacks.galore.GaLoreAdamW, or galore=False")
+            optimizer.set_projected(p for block in self._block_params for p in block)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.scores is None:
+            self.scores = self._load_or_compute_scores(trainer, pl_module)
+        if len(self.scores) != len(self._block_params):
+            raise ValueError(f"OwLore has {len(self.scores)} scores but the model has {len(self._block_params)} "
+                             "blocks (a stale scores_file?)")
+        probs = self.probabilities()
+        table = "\n".join(f"  block {i:3d}: D = {s:7.3f}%  p = {p:.4f}" for i, (s, p) in
+                          enumerate(zip(self.scores, probs, strict=True)))
+        rank_zero_info(f"OwLore outlier scores (M={self.outlier_threshold}):\n{table}")
+        metrics = {f"owlore/score_{i}": s for i, s in enumerate(self.scores)}
+        metrics.update({f"owlore/prob_{i}": float(p) for i, p in enumerate(probs)})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        super().on_train_start(trainer, pl_module)
+
+    def _load_or_compute_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
+        path = Path(self.scores_file) if self.scores_file else None
+        if path is not None and path.exists():
+            try:
+                return [float(s) for s in json.loads(path.read_text())["scores"]]
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}: expected JSON {{\"scores\": [numbers, one per block]}}: {err}") from err
+        scores = self._calibrate(trainer, pl_module)
+        scores = trainer.strategy.broadcast(scores, src=0)  # every rank samples with rank 0's scores
+        if path is not None and trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"scores": scores, "outlier_threshold": self.outlier_threshold}))
+        return scores
+
+    def _calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
+        def batches():
+            for i, batch in enumerate(trainer.train_dataloader):
+                if i == self.calibration_batches:
+                    return
+                yield trainer.strategy.batch_to_device(batch)
+
+        def forward(batch) -> None:
+            if isinstance(batch, dict):
+                pl_module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            else:
+                pl_module(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.random.fork_rng(devices=[]):  # iterating the loader must not shift the training data order
+            scores = outlier_scores(self.parts.blocks, batches(), forward, self.outlier_threshold)
+        pl_module.train(was_training)
+        return scores
+
+    def probabilities(self) -> torch.Tensor:
+        """p_l = D_l / sum_k D_k."""
+        scores = torch.tensor(self.scores, dtype=torch.float64)
+        if scores.sum() <= 0:
+            rank_zero_warn("OwLore: no block has outliers at this threshold; sampling uniformly")
+            return torch.full_like(scores, 1 / len(scores))
+        return scores / scores.sum()
+
+    @override
+    def sampling_weights(self, num_blocks: int) -> torch.Tensor:
+        probs = self.probabilities()
+        if int((probs > 0).sum()) < self.n_layers:  # drawing without replacement needs n_layers candidates
+            probs = probs + 1e-6
+        return probs
+
+    @override
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "scores": self.scores}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.scores = state_dict.get("scores")
