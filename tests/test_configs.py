@@ -12,7 +12,12 @@ SMOKE_ARGS = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--tra
               "--trainer.check_val_every_n_epoch=1", "--trainer.val_check_interval=1.0", "--trainer.max_epochs=1",
               "--trainer.enable_checkpointing=false", "--trainer.accelerator=cpu", "--wandb=disabled"]
 # Recipe-specific settings that keep a smoke run small (e.g. fewer calibration batches).
-EXTRA_SMOKE_ARGS: dict[str, list[str]] = {}
+EXTRA_SMOKE_ARGS: dict[str, list[str]] = {
+    "grpo_llds": ["--model.init_args.sft_steps=2", "--model.init_args.num_generations=2",
+                  "--model.init_args.max_new_tokens=4", "--data.init_args.synthetic_sft_size=64",
+                  "--data.init_args.synthetic_train_size=32", "--data.init_args.synthetic_val_size=8",
+                  "--data.init_args.val_batch_size=8"],
+}
 
 
 def test_there_are_recipes():
