@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from callbacks.llds import LLDS
+from datamodules.chat_encoding import pad
 from datamodules.verifiable_qa import VerifiableQADataModule
 from recipes.grpo import GRPOModule
 
@@ -150,3 +151,15 @@ def test_sft_warmup_lowers_loss_before_grpo(tmp_path):
     fit(tmp_path, m, steps=1, dm=dm)
     after = float(m.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
     assert after < before - 0.5
+
+
+def test_answer_mask_marks_final_answer_span():
+    m = GRPOModule(tokenizer_name="char", num_generations=2)
+    tok = m.tokenizer
+    texts = ["so 3 #### 12", "just 7"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    completion = pad(ids, tok.pad_token_id)
+    cmask = pad([[1] * len(i) for i in ids], 0)
+    mask = m.answer_mask(completion, cmask, texts)
+    assert mask[0].tolist() == [False] * 5 + [True] * 8  # "#### 12" and EOS
+    assert mask[1].tolist() == [True] * 7 + [False] * 6  # no marker, one line: the whole completion
