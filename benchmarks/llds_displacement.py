@@ -1,8 +1,9 @@
 """Does LLDS prevent lazy likelihood displacement? Plain GRPO vs GRPO + LLDS with mu > 1, several seeds.
 
-Per seed: one SFT warm-up of the small Llama on the synthetic ``sft`` split, then from the same weights GRPO with
-and without LLDS on held-out prompts. Every ``--probe_every`` rollouts the mean per-token log-likelihood of the
-*reference (correct) answers* of fixed probe prompts is measured under the current policy; the logged
+One SFT warm-up of the small Llama on the synthetic ``sft`` split, then, for each seed (rollout sampling and
+mini-batch order), GRPO with and without LLDS from those same weights on held-out prompts. Every
+``--probe_every`` rollouts the mean per-token log-likelihood of the *reference (correct) answers* of fixed probe
+prompts is measured under the current policy; the logged
 ``grpo/logp_correct`` (correct sampled completions) and the reward are recorded too. Prints one JSON line.
 
     python benchmarks/llds_displacement.py [--quick]
@@ -99,7 +100,7 @@ def run(args, dm, state: dict, seed: int, llds: bool) -> dict:
     module.tokenizer = dm.tokenizer
     module.configure_model()
     module.model.load_state_dict(state)
-    probe = Probe(probe_batch(dm, 64), args.probe_every)
+    probe = Probe(probe_batch(dm, 32), args.probe_every)
     callbacks = [probe] + ([LLDS(coef=args.coef)] if llds else [])
     trainer = L.Trainer(max_steps=args.rollouts * args.mu * args.mini_batches, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
@@ -112,11 +113,12 @@ def run(args, dm, state: dict, seed: int, llds: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rollouts (about 10 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer rollouts and prompts (minutes on 2 CPU cores)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rollouts", type=int, default=80)
     parser.add_argument("--probe_every", type=int, default=10)
     parser.add_argument("--sft_steps", type=int, default=300)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per rollout batch")
     parser.add_argument("--G", type=int, default=8)
     parser.add_argument("--mu", type=int, default=4)
     parser.add_argument("--mini_batches", type=int, default=2)
@@ -124,15 +126,15 @@ def main() -> None:
     parser.add_argument("--coef", type=float, default=0.2)
     args = parser.parse_args()
     if args.quick:
-        args.rollouts, args.probe_every, args.sft_steps = 24, 6, 150
+        args.rollouts, args.probe_every, args.sft_steps, args.prompts, args.mini_batches = 16, 4, 120, 4, 1
     result = {"benchmark": "llds_displacement", **{k: v for k, v in vars(args).items() if k != "quick"}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        dm = VerifiableQADataModule(synthetic_dir=tmp, batch_size=8, sft_batch_size=32,
+        dm = VerifiableQADataModule(synthetic_dir=tmp, batch_size=args.prompts, sft_batch_size=32,
                                     synthetic_tasks=("reversal", "sorting"), synthetic_train_size=1000)
         dm.prepare_data()
         dm.setup()
+        state = sft_state(dm, args.sft_steps, 3e-3, seed=0)
         for seed in args.seeds:
-            state = sft_state(dm, args.sft_steps, 3e-3, seed)
             for name, llds in (("grpo", False), ("grpo_llds", True)):
                 result["runs"][f"{name}_seed{seed}"] = run(args, dm, state, seed, llds)
     summary = {}
