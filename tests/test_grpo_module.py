@@ -147,9 +147,11 @@ def test_sft_warmup_lowers_loss_before_grpo(tmp_path):
     m.tokenizer = dm.tokenizer
     m.configure_model()
     batch = next(iter(dm.sft_dataloader()))
-    before = float(m.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
+    with torch.no_grad():
+        before = float(m.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
     fit(tmp_path, m, steps=1, dm=dm)
-    after = float(m.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
+    with torch.no_grad():
+        after = float(m.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
     assert after < before - 0.5
 
 
