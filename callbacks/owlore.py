@@ -130,6 +130,11 @@ class OwLore(LISA):
         if len(self.scores) != len(self._block_params):
             raise ValueError(f"OwLore has {len(self.scores)} scores but the model has {len(self._block_params)} "
                              "blocks (a stale scores_file?)")
+        if trainer.global_step == 0:  # once per run: a resumed run already logged them
+            self._log_scores(trainer)
+        super().on_train_start(trainer, pl_module)
+
+    def _log_scores(self, trainer: L.Trainer) -> None:
         probs = self.probabilities()
         table = "\n".join(f"  block {i:3d}: D = {s:7.3f}%  p = {p:.4f}" for i, (s, p) in
                           enumerate(zip(self.scores, probs, strict=True)))
@@ -138,7 +143,6 @@ class OwLore(LISA):
         metrics.update({f"owlore/prob_{i}": float(p) for i, p in enumerate(probs)})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        super().on_train_start(trainer, pl_module)
 
     def _load_or_compute_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
         path = Path(self.scores_file) if self.scores_file else None

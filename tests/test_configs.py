@@ -17,6 +17,10 @@ EXTRA_SMOKE_ARGS: dict[str, list[str]] = {
     "mae_pretrain_cxr": _SMALL_PHANTOM,
     "vit_finetune_cxr": _SMALL_PHANTOM,
     "vit_finetune_chexpert": _SMALL_PHANTOM,
+    "grpo_llds": ["--model.init_args.sft_steps=2", "--model.init_args.num_generations=2",
+                  "--model.init_args.max_new_tokens=4", "--data.init_args.synthetic_sft_size=64",
+                  "--data.init_args.synthetic_train_size=32", "--data.init_args.synthetic_val_size=8",
+                  "--data.init_args.val_batch_size=8"],
 }
 
 

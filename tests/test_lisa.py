@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from sampling_helpers import TinyLM, token_loader, trainer
 
 from callbacks.blocks import block_parameter_names, find_blocks
 from callbacks.lisa import LISA, optimizer_state_bytes
+from tests.sampling_helpers import TinyLM, token_loader, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,13 +6,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from sampling_helpers import TinyLM, token_loader, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.galore import GaLoreAdamW
 from callbacks.lisa import LISA, optimizer_state_bytes
 from callbacks.owlore import OwLore
+from tests.sampling_helpers import TinyLM, token_loader, trainer
 
 
 class Chain(L.LightningModule):

@@ -1,0 +1,221 @@
+"""Prompts with checkable reference answers for RL with verifiable rewards (GRPO): local JSONL or synthetic tasks.
+
+Accepted JSONL forms (one per file):
+- GSM8K form: ``{"question": ..., "answer": "... #### 72"}``; the reference is the number after ``####``.
+- QA form: ``{"question": ..., "answers": ["Paris", "paris, france"]}``; any accepted answer counts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt, pad
+from datamodules.jsonl_records import DataError, read_instruction_file, read_jsonl
+from datamodules.rewards import BUILTIN_REWARDS, RewardFn, extract_gsm8k_answer
+from datamodules.synthetic_tasks import TASKS, make_problems
+from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
+
+
+def read_verifiable_file(path: str | Path) -> tuple[str, list[tuple[str, dict]]]:
+    """``(form, [(where, row)])`` of a GSM8K-form or QA-form file; a row has ``question`` and its reference column."""
+    rows, form = [], None
+    for lineno, record in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        question = record.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{where}: field 'question' must be a non-empty string")
+        this = "qa" if "answers" in record else "gsm8k" if "answer" in record else None
+        if this is None:
+            raise DataError(f"{where}: expected 'answer' (GSM8K form, ending '#### <number>') or 'answers' "
+                            f"(QA form, a list of accepted answers); got fields {sorted(record)}")
+        if form is not None and this != form:
+            raise DataError(f"{where}: record is in {this} form but the file started in {form} form; use one form")
+        form = this
+        if form == "gsm8k":
+            reference = record["answer"]
+            number = extract_gsm8k_answer(reference, "strict") if isinstance(reference, str) else None
+            if number is None:
+                raise DataError(f"{where}: 'answer' must end with '#### <number>' (GSM8K form), got {reference!r}")
+            rows.append((where, {"question": question, "answer": reference.rsplit("####", 1)[1].strip()}))
+        else:
+            answers = record["answers"]
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise DataError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")
+            rows.append((where, {"question": question, "answers": answers}))
+    return form, rows
+
+
+def write_synthetic_rl_splits(directory: str | Path, n_sft: int, n_train: int, n_val: int, seed: int,
+                              tasks: tuple[str, ...], max_digits: int) -> dict[str, Path]:
+    """Disjoint ``sft`` / ``train`` / ``val`` GSM8K-form files: RL prompts are never seen during the SFT warm-up."""
+    total = n_sft + n_train + n_val
+    seen: set[tuple[str, str]] = set()
+    unique = [p for p in make_problems(4 * total, seed, tasks, max_digits=max_digits)
+              if (p.task, p.input) not in seen and not seen.add((p.task, p.input))]
+    if len(unique) < total:
+        raise ValueError(f"Only {len(unique)} distinct synthetic problems for {total} requested; ask for fewer")
+    splits = {"val": unique[:n_val], "train": unique[n_val:n_val + n_train], "sft": unique[n_val + n_train:total]}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, problems in splits.items():
+        path = directory / f"{name}.jsonl"
+        with path.open("w") as f:  # GSM8K form with a short answer, so completions stay a few tokens long
+            for p in problems:
+                f.write(json.dumps({"question": p.question, "answer": f"#### {p.answer}"}) + "\n")
+        out[name] = path
+    return out
+
+
+class VerifiableQADataModule(L.LightningDataModule):
+    """Prompt batches (left-padded, rendered through the tokenizer's chat template) with their reference answers.
+
+    Args:
+        train_file: GSM8K-form or QA-form JSONL of RL prompts. ``None`` writes the built-in synthetic tasks
+            (GSM8K form, answers ``#### <number>``) to ``synthetic_dir`` with disjoint sft / train / val splits.
+        val_file: JSONL of the same form for validation (greedy accuracy); ``None`` with a ``train_file`` holds
+            out ``val_fraction`` of it.
+        sft_file: instruction JSONL (chat, Alpaca or GSM8K form) for the policy's optional SFT warm-up;
+            with synthetic data the ``sft`` split is used.
+        tokenizer: a local Hugging Face tokenizer directory, or ``"char"`` for the built-in one.
+        system_prompt: optional system message put before every question.
+        reward: ``auto`` (``gsm8k_strict`` for GSM8K form, ``qa_exact_match`` for QA form) or one of
+            ``gsm8k_strict``, ``gsm8k_flexible``, ``qa_exact_match``.
+        max_prompt_length: prompts longer than this many tokens are an error (named by file and line).
+        batch_size: prompts per rollout batch (each gets G completions).
+        sft_batch_size / sft_max_length: batch size and truncation of the SFT warm-up data.
+        synthetic_*: sizes, tasks and digits of the built-in synthetic problems.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        sft_file: str | None = None,
+        tokenizer: str = CHAR_TOKENIZER,
+        system_prompt: str | None = None,
+        reward: str = "auto",
+        max_prompt_length: int = 64,
+        batch_size: int = 8,
+        val_batch_size: int = 64,
+        val_fraction: float = 0.05,
+        sft_batch_size: int = 32,
+        sft_max_length: int = 48,
+        seed: int = 0,
+        synthetic_dir: str = "data/synthetic",
+        synthetic_sft_size: int = 4000,
+        synthetic_train_size: int = 2000,
+        synthetic_val_size: int = 128,
+        synthetic_tasks: tuple[str, ...] = TASKS,
+        synthetic_max_digits: int = 2,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if reward != "auto" and reward not in BUILTIN_REWARDS:
+            raise ValueError(f"reward must be 'auto' or one of {sorted(BUILTIN_REWARDS)}, got {reward!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        unknown = set(synthetic_tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"Unknown synthetic_tasks {sorted(unknown)}; expected a subset of {TASKS}")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        require_chat_template(self.tokenizer, f"{tokenizer!r}")
+        self.datasets: dict[str, list[dict]] = {}
+        self.form: str | None = None
+
+    def synthetic_paths(self) -> dict[str, Path]:
+        d = Path(self.hparams.synthetic_dir) / "verifiable"
+        return {split: d / f"{split}.jsonl" for split in ("sft", "train", "val")}
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        if hp.train_file is None:
+            write_synthetic_rl_splits(self.synthetic_paths()["train"].parent, hp.synthetic_sft_size,
+                                      hp.synthetic_train_size, hp.synthetic_val_size, hp.seed,
+                                      tuple(hp.synthetic_tasks), hp.synthetic_max_digits)
+
+    def files(self) -> dict[str, str | Path | None]:
+        hp = self.hparams
+        if hp.train_file is None:
+            return dict(self.synthetic_paths())
+        return {"train": hp.train_file, "val": hp.val_file, "sft": hp.sft_file}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        files = self.files()
+        self.form, train = read_verifiable_file(files["train"])
+        if files["val"] is None:
+            order = list(range(len(train)))
+            random.Random(self.hparams.seed).shuffle(order)
+            n_val = max(1, round(len(train) * self.hparams.val_fraction))
+            if n_val >= len(train):
+                raise DataError(f"{files['train']}: {len(train)} records are too few to hold out a validation split")
+            val = [train[i] for i in sorted(order[:n_val])]
+            train = [train[i] for i in sorted(order[n_val:])]
+        else:
+            val_form, val = read_verifiable_file(files["val"])
+            if val_form != self.form:
+                raise DataError(f"{files['val']}: validation file is in {val_form} form, train in {self.form} form")
+        self.datasets = {"train": [self._encode(w, r) for w, r in train], "val": [self._encode(w, r) for w, r in val]}
+        if files["sft"] is not None:
+            self.datasets["sft"] = [encode_chat(self.tokenizer, messages, self.hparams.sft_max_length, where)
+                                    for where, messages in read_instruction_file(files["sft"])]
+        rank_zero_info(f"Verifiable QA data ({self.form} form): "
+                       + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items()))
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.hparams.system_prompt}] if self.hparams.system_prompt else []
+        return [*system, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+
+    def _encode(self, where: str, row: dict) -> dict:
+        messages = self.messages(row["question"])
+        ids = encode_prompt(self.tokenizer, messages)
+        if len(ids) > self.hparams.max_prompt_length:
+            raise DataError(f"{where}: the prompt is {len(ids)} tokens, more than max_prompt_length="
+                            f"{self.hparams.max_prompt_length}; raise it or shorten the question")
+        text = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        return {"prompt_ids": ids, "prompt": text, **{k: v for k, v in row.items() if k != "question"}}
+
+    def reward_fn(self) -> RewardFn:
+        """The verifier of this data: the built-in reward named by ``reward`` (``auto`` picks by the file's form)."""
+        if not self.form:
+            self.setup()
+        name = self.hparams.reward
+        if name == "auto":
+            name = "gsm8k_strict" if self.form == "gsm8k" else "qa_exact_match"
+        return BUILTIN_REWARDS[name]()
+
+    def collate(self, rows: list[dict]) -> dict:
+        """Left-padded prompts, their texts, and every reference column as a list."""
+        batch = {"prompt_input_ids": pad([r["prompt_ids"] for r in rows], self.tokenizer.pad_token_id, left=True),
+                 "prompt_attention_mask": pad([[1] * len(r["prompt_ids"]) for r in rows], 0, left=True),
+                 "prompts": [r["prompt"] for r in rows]}
+        for key in rows[0]:
+            if key not in ("prompt_ids", "prompt"):
+                batch[key] = [r[key] for r in rows]
+        return batch
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, collate) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(f"No {split} split: set {split}_file (or leave train_file unset for the synthetic tasks)")
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                          num_workers=self.hparams.num_workers, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, True, self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.hparams.val_batch_size, False, self.collate)
+
+    def sft_dataloader(self) -> DataLoader:
+        """Instruction batches (``input_ids``, ``attention_mask``, ``labels``) for the policy's SFT warm-up."""
+        return self._loader("sft", self.hparams.sft_batch_size, True,
+                            lambda b: collate_examples(b, self.tokenizer.pad_token_id))

@@ -1,0 +1,397 @@
+"""GRPO (group relative policy optimization, arXiv 2402.03300) for any Hugging Face causal LM, with verifiable rewards.
+
+One training step = one rollout batch: G completions per prompt from a single batched ``generate`` (KV cache),
+rewards, group-normalized advantages, the rollout policy's log-probs cached, then ``mu`` passes over
+``num_mini_batches`` mini-batches, one optimizer step each (manual optimization). ``trainer.max_steps`` counts
+optimizer steps, i.e. ``mu * num_mini_batches`` per rollout batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from datamodules.rewards import RewardFn, compute_rewards
+from datamodules.tokenizer import load_tokenizer
+from recipes.causal_lm import DEFAULT_MODEL_CONFIG
+from recipes.grpo_loss import (
+    AGGREGATIONS,
+    SCALES,
+    PolicyTokens,
+    aggregate,
+    clipped_surrogate,
+    completion_mask,
+    group_advantages,
+    k3_kl,
+    token_entropy,
+    token_logprobs,
+)
+from recipes.param_groups import decay_groups
+
+LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+class GRPOModule(L.LightningModule):
+    """GRPO with the clipped surrogate, optional k3 KL to a frozen reference, and pluggable loss terms.
+
+    Args:
+        model_path: a local ``from_pretrained`` directory; ``None`` builds ``model_config`` (random init) or
+            takes the architecture from ``sft_checkpoint``.
+        model_config: ``AutoConfig.for_model`` arguments (``model_type`` plus fields); vocab from the tokenizer.
+        sft_checkpoint: a ``recipes.CausalLMModule`` checkpoint (e.g. the output of ``sft.yaml``) to start from.
+        sft_steps: optimizer steps of a supervised warm-up on the data module's ``sft`` split at fit start
+            (the same response-only loss as ``CausalLMModule``), so a random-init model can produce answers.
+        sft_lr: learning rate of that warm-up (AdamW).
+        optimizer: the GRPO optimizer (AdamW by default) over the named groups ``decay`` / ``no_decay``.
+        warmup_steps: linear learning-rate warm-up in optimizer steps, then constant (as TRL's GRPO examples).
+        num_generations: G, completions per prompt.
+        temperature / top_p / max_new_tokens: sampling settings of the rollouts.
+        mu: optimizer passes over each rollout batch (1 = on-policy, the ratio is exactly 1).
+        num_mini_batches: mini-batches per pass (one optimizer step each).
+        eps_low / eps_high: clip range [1 - eps_low, 1 + eps_high] (DAPO's clip-higher: eps_high 0.28).
+        kl_coef: weight of the k3 KL to the frozen initial policy (0 = no reference model is kept).
+        scale_rewards: advantage std scaling: ``group`` (GRPO), ``batch`` or ``none`` (Dr. GRPO).
+        loss_aggregation: ``sequence_mean`` (GRPO paper, default), ``token_mean`` (DAPO) or ``max_length``
+            (Dr. GRPO: sum / (completions * max_new_tokens)).
+        reward_funcs: reward callables ``(prompts, completions, **columns) -> list[float]``, summed;
+            ``None`` uses the data module's verifier (``reward_fn()``), which also defines ``grpo/accuracy``.
+        drop_bad_rewards: drop (and count in ``grpo/dropped``) completions a reward function fails on instead
+            of stopping the run.
+        max_grad_norm: gradient clipping (manual optimization: ``trainer.gradient_clip_val`` must stay unset).
+        val_max_new_tokens: greedy answer budget in validation (``val/accuracy``).
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        model_config: dict | None = None,
+        tokenizer_name: str | None = None,
+        sft_checkpoint: str | None = None,
+        sft_steps: int = 0,
+        sft_lr: float = 3e-3,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_steps: int = 0,
+        num_generations: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 16,
+        mu: int = 1,
+        num_mini_batches: int = 1,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        kl_coef: float = 0.0,
+        scale_rewards: str = "group",
+        loss_aggregation: str = "sequence_mean",
+        reward_funcs: list[Callable] | None = None,
+        drop_bad_rewards: bool = False,
+        max_grad_norm: float | None = 1.0,
+        val_max_new_tokens: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_generations < 2:
+            raise ValueError(f"num_generations (G) must be at least 2 for group advantages, got {num_generations}")
+        if mu < 1 or num_mini_batches < 1:
+            raise ValueError(f"mu and num_mini_batches must be >= 1, got mu={mu}, num_mini_batches={num_mini_batches}")
+        if scale_rewards not in SCALES:
+            raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale_rewards!r}")
+        if loss_aggregation not in AGGREGATIONS:
+            raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got {loss_aggregation!r}")
+        if not (temperature > 0 and 0 < top_p <= 1):
+            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if sum(x is not None for x in (model_path, model_config)) > 1:
+            raise ValueError("Give at most one of model_path and model_config")
+        self.save_hyperparameters(ignore=["optimizer", "reward_funcs"])
+        self.automatic_optimization = False
+        self.optimizer_factory = optimizer
+        self.reward_funcs = list(reward_funcs) if reward_funcs else None
+        self.model: torch.nn.Module | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = load_tokenizer(tokenizer_name) if tokenizer_name else None
+        self.loss_terms: dict[str, LossTerm] = {}
+        self._answer_mask_terms: set[str] = set()
+        self._reference: list[torch.nn.Module] = []  # a list keeps the frozen copy out of state_dict and optimizer
+        self._sft_done = False
+        self._verifier: RewardFn | None = None
+
+    # --------------------------------------------------------------------------------------------- model
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.hparams.mu * self.hparams.num_mini_batches
+
+    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+            if datamodule is None or not hasattr(datamodule, "tokenizer"):
+                raise RuntimeError("GRPOModule needs a tokenizer: pass tokenizer_name=... or use a data module that "
+                                   "provides one (e.g. VerifiableQADataModule)")
+            self.tokenizer = datamodule.tokenizer
+        return self.tokenizer
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        tokenizer = self._resolve_tokenizer()
+        hp = self.hparams
+        state = None
+        config = hp.model_config
+        if hp.sft_checkpoint is not None:
+            ckpt = torch.load(hp.sft_checkpoint, map_location="cpu", weights_only=False)
+            state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+            sft_hp = ckpt.get("hyper_parameters", {})
+            if hp.model_path is None and config is None:
+                config = sft_hp.get("model_config")
+                if sft_hp.get("model_path"):
+                    hp.model_path = sft_hp["model_path"]
+        if hp.model_path is not None:
+            model = AutoModelForCausalLM.from_pretrained(hp.model_path, local_files_only=True)
+        else:
+            cfg = dict(config or DEFAULT_MODEL_CONFIG)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,
+                                                                          vocab_size=len(tokenizer)))
+        if state is not None:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{hp.sft_checkpoint} does not match the model (LoRA checkpoints must be merged "
+                                 f"first): missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ValueError(f"The model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
+                             f"than the tokenizer's ({len(tokenizer)}); use the model's own tokenizer")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        self.model = model
+
+    def register_loss_term(self, name: str, fn: LossTerm, needs_answer_mask: bool = False) -> None:
+        """Add ``fn(PolicyTokens) -> loss`` (or ``(loss, {metric: value})``) to every mini-batch's loss.
+
+        The term's value is logged as ``loss/<name>`` and its metrics under their own names. Callbacks call this
+        from ``on_fit_start``; registering the same name again replaces the term.
+        """
+        self.loss_terms[name] = fn
+        if needs_answer_mask:
+            self._answer_mask_terms.add(name)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grpo_sft_done"] = self._sft_done
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._sft_done = checkpoint.get("grpo_sft_done", False)
+        self.configure_model()
+
+    def on_fit_start(self) -> None:
+        if self.hparams.sft_steps > 0 and not self._sft_done:
+            self._sft_warmup()
+        self._sft_done = True
+        if self.hparams.kl_coef > 0 and not self._reference:
+            reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self._reference.append(reference)
+        self._verifier = self.trainer.datamodule.reward_fn()
+
+    def _sft_warmup(self) -> None:
+        """Supervised warm-up on the data module's ``sft`` split: response-token cross-entropy, AdamW, fixed LR."""
+        loader = self.trainer.datamodule.sft_dataloader()
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.sft_lr, betas=(0.9, 0.98))
+        self.model.train()
+        step, losses = 0, []
+        while step < self.hparams.sft_steps:
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  labels=batch["labels"], use_cache=False).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                if step % 50 == 0 or step == self.hparams.sft_steps:
+                    rank_zero_info(f"SFT warm-up step {step}/{self.hparams.sft_steps}: loss {losses[-1]:.3f}")
+                if step >= self.hparams.sft_steps:
+                    break
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num: int, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num`` completions per prompt in one batched ``generate`` call with the KV cache.
+
+        Returns completion ids [P * num, T] (prompt-major: the ``num`` samples of a prompt are consecutive) and
+        their mask (1 up to and including the first EOS).
+        """
+        tokenizer = self._resolve_tokenizer()
+        hp = self.hparams
+        ids, mask = prompt_ids.repeat_interleave(num, 0), prompt_mask.repeat_interleave(num, 0)
+        was_training = self.model.training
+        self.model.eval()
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": hp.temperature,
+                                                        "top_p": hp.top_p, "top_k": 0}
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens or
+                                  hp.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
+        self.model.train(was_training)
+        completion = out[:, ids.shape[1]:]
+        cmask = completion_mask(completion, tokenizer.eos_token_id)
+        return completion.masked_fill(cmask == 0, tokenizer.pad_token_id), cmask
+
+    def policy_logits(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      completion: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
+        """Logits predicting each completion token [N, T, V] (only completion positions are projected)."""
+        ids = torch.cat([prompt_ids, completion], 1)
+        mask = torch.cat([prompt_mask, cmask], 1)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        t = completion.shape[1]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                       logits_to_keep=t + 1).logits
+        return logits[:, :-1]
+
+    def _rewards(self, prompts: list[str], texts: list[str], columns: dict[str, list]):
+        drop = self.hparams.drop_bad_rewards
+        verifier_rewards, valid = compute_rewards(self._verifier or self.trainer.datamodule.reward_fn(), prompts,
+                                                  texts, columns, drop)
+        if self.reward_funcs is None:
+            return verifier_rewards, verifier_rewards > 0.5, valid
+        total = torch.zeros(len(texts))
+        for fn in self.reward_funcs:
+            r, ok = compute_rewards(fn, prompts, texts, columns, drop)
+            total, valid = total + r, valid & ok
+        return total, verifier_rewards > 0.5, valid
+
+    def answer_mask(self, completion: torch.Tensor, cmask: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Tokens of the final answer: from the last ``####`` (or the last line) to the end of the completion."""
+        tokenizer = self._resolve_tokenizer()
+        out = torch.zeros_like(cmask, dtype=torch.bool)
+        for i, text in enumerate(texts):
+            start = text.rfind("####")
+            start = text.rfind("\n") + 1 if start < 0 else start
+            n = int(cmask[i].sum())
+            ids = completion[i, :n].tolist()
+            for t in range(n):
+                if len(tokenizer.decode(ids[:t + 1], skip_special_tokens=True)) > start:
+                    out[i, t:n] = True
+                    break
+        return out & cmask.bool()
+
+    # ------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        tokenizer = self._resolve_tokenizer()
+        g = hp.num_generations
+        prompt_ids = batch["prompt_input_ids"].repeat_interleave(g, 0)
+        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(g, 0)
+        completion, cmask = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"], g)
+        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+        columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()
+                   if isinstance(vals, list) and k != "prompts"}
+        prompts = [p for p in batch["prompts"] for _ in range(g)]
+        rewards, correct, valid = self._rewards(prompts, texts, columns)
+        rewards, correct, valid = rewards.to(self.device), correct.to(self.device), valid.to(self.device)
+        advantages = group_advantages(rewards, g, hp.scale_rewards, valid)
+        lmask = cmask * valid.unsqueeze(1).long()
+        answer_mask = self.answer_mask(completion, cmask, texts) if self._answer_mask_terms else None
+        n = completion.shape[0]
+
+        single = self.updates_per_rollout == 1
+        old_logp = ref_logp = None
+        with torch.no_grad():
+            if not single:  # with one update the old policy is the current one: reuse the first forward (ratio 1)
+                old_logp = token_logprobs(self.policy_logits(self.model, prompt_ids, prompt_mask, completion, cmask),
+                                          completion, hp.temperature)
+            if self._reference:
+                ref_logp = token_logprobs(self.policy_logits(self._reference[0], prompt_ids, prompt_mask, completion,
+                                                             cmask), completion, hp.temperature)
+
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        stats: dict[str, list[torch.Tensor]] = {}
+        generator = torch.Generator().manual_seed(int(self.global_step) + 1_000_003 * int(self.current_epoch))
+        for _ in range(hp.mu):
+            order = torch.randperm(n, generator=generator) if hp.num_mini_batches > 1 else torch.arange(n)
+            for idx in order.chunk(hp.num_mini_batches):
+                idx = idx.to(self.device)
+                logits = self.policy_logits(self.model, prompt_ids[idx], prompt_mask[idx], completion[idx], cmask[idx])
+                logp = token_logprobs(logits, completion[idx], hp.temperature)
+                if single:  # one update per rollout: idx is every completion in order, and old == current
+                    old_logp = logp.detach()
+                old = old_logp[idx]
+                m = lmask[idx]
+                per_token, clipped = clipped_surrogate(logp, old, advantages[idx], hp.eps_low, hp.eps_high)
+                ref = ref_logp[idx] if ref_logp is not None else None
+                if ref is not None:
+                    kl = k3_kl(logp, ref)
+                    per_token = per_token + hp.kl_coef * kl
+                    _add(stats, "grpo/kl", aggregate(kl.detach(), m, hp.loss_aggregation, hp.max_new_tokens))
+                loss = aggregate(per_token, m, hp.loss_aggregation, hp.max_new_tokens)
+                _add(stats, "loss/grpo", loss.detach())
+                tokens = PolicyTokens(logp=logp, old_logp=old, ref_logp=ref, advantages=advantages[idx], mask=m,
+                                      action_mask=m, answer_mask=None if answer_mask is None else answer_mask[idx],
+                                      valid=valid[idx])
+                for name, fn in self.loss_terms.items():
+                    out = fn(tokens)
+                    value, extra = out if isinstance(out, tuple) else (out, {})
+                    loss = loss + value
+                    _add(stats, f"loss/{name}", value.detach())
+                    for key, v in extra.items():
+                        _add(stats, key, torch.as_tensor(v, dtype=torch.float32))
+                with torch.no_grad():
+                    mf = m.float()
+                    _add(stats, "grpo/clip_fraction", (clipped.float() * mf).sum() / mf.sum().clamp(min=1))
+                    _add(stats, "grpo/ratio", (torch.exp(logp - old) * mf).sum() / mf.sum().clamp(min=1))
+                    _add(stats, "grpo/entropy", (token_entropy(logits, hp.temperature) * mf).sum() / mf.sum().clamp(1))
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                scheduler.step()
+                _add(stats, "train/loss", loss.detach())
+        for i, group in enumerate(optimizer.optimizer.param_groups):
+            self.log(f"optim/lr_{group.get('name', i)}", group["lr"], batch_size=1)
+
+        self._log_rollout(rewards, correct, valid, cmask, old_logp, n)
+        self.log_dict({k: torch.stack(v).float().mean() for k, v in stats.items()}, batch_size=n)
+
+    def _log_rollout(self, rewards, correct, valid, cmask, old_logp, n: int) -> None:
+        """Rollout statistics; ``logp_correct``/``logp_incorrect``: mean per-token log-likelihood (rollout policy)."""
+        cmf = cmask.float()
+        seq_logp = (old_logp * cmf).sum(1) / cmf.sum(1).clamp(min=1)
+        ok = valid
+        metrics = {
+            "grpo/reward_mean": rewards[ok].mean() if ok.any() else torch.zeros(()),
+            "grpo/reward_std": rewards[ok].std() if ok.sum() > 1 else torch.zeros(()),
+            "grpo/accuracy": correct[ok].float().mean() if ok.any() else torch.zeros(()),
+            "grpo/completion_length": cmf.sum(1).mean(),
+            "grpo/dropped": (~valid).float().sum(),
+        }
+        for name, sel in (("grpo/logp_correct", correct & ok), ("grpo/logp_incorrect", ~correct & ok)):
+            if sel.any():
+                metrics[name] = seq_logp[sel].mean()
+        self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=False, batch_size=n)
+        self.log("grpo/reward", metrics["grpo/reward_mean"].float(), prog_bar=True, batch_size=n, logger=False)
+
+    # ----------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        tokenizer = self._resolve_tokenizer()
+        completion, _ = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"], 1, greedy=True,
+                                      max_new_tokens=self.hparams.val_max_new_tokens)
+        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+        columns = {k: v for k, v in batch.items() if isinstance(v, list) and k != "prompts"}
+        rewards, _ = compute_rewards(self._verifier or self.trainer.datamodule.reward_fn(), batch["prompts"], texts,
+                                     columns, drop_bad=self.hparams.drop_bad_rewards)
+        self.log("val/accuracy", rewards.mean().to(self.device), prog_bar=True, batch_size=len(texts))
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(decay_groups(self.model))
+        warmup = self.hparams.warmup_steps
+
+        def factor(step: int) -> float:
+            return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, factor)]
+
+
+def _add(stats: dict[str, list[torch.Tensor]], key: str, value: torch.Tensor) -> None:
+    stats.setdefault(key, []).append(value)

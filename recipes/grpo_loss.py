@@ -1,0 +1,122 @@
+"""The math of GRPO (DeepSeekMath, arXiv 2402.03300) as pure tensor functions, and the per-token batch that
+registered loss terms (e.g. ``callbacks.LLDS``) receive.
+
+Shapes: ``N`` completions, ``T`` completion tokens (right-padded); ``mask`` is 1 on a completion's real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("sequence_mean", "token_mean", "max_length")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", valid: torch.Tensor | None = None,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean(group)) / (std + eps), with the std of the group, of the batch, or none (Dr. GRPO).
+
+    ``rewards`` holds ``group_size`` consecutive completions per prompt. Means and (unbiased, as TRL) stds are over
+    the ``valid`` completions only; invalid ones (dropped rewards) get advantage 0.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
+    r = rewards.float().view(-1, group_size)
+    v = valid.view(-1, group_size).float()
+    count = v.sum(1, keepdim=True)
+    mean = (r * v).sum(1, keepdim=True) / count.clamp(min=1)
+    centred = (r - mean) * v
+    if scale == "group":
+        std = ((centred**2).sum(1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    elif scale == "batch":
+        flat = r.flatten()[valid.flatten()]
+        std = flat.std() if flat.numel() > 1 else torch.zeros(())
+    else:
+        return centred.flatten()
+    return (centred / (std + eps)).flatten()
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(target_t | prefix) for every position: ``logits`` [N, T, V] already aligned with ``targets`` [N, T].
+
+    Logits are divided by the sampling temperature, so the ratio compares the distribution that was sampled from.
+    """
+    logits = logits.float() / temperature
+    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the next-token distribution at every position, [N, T]."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float = 0.2,
+                      eps_high: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO loss -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho = exp(logp - old_logp).
+
+    Returns the loss [N, T] and a bool tensor marking tokens where the clipped term was the active one.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    return -torch.min(unclipped, clipped), clipped < unclipped
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (always >= 0)."""
+    diff = ref_logp - logp
+    return torch.exp(diff) - diff - 1
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "sequence_mean",
+              max_length: int | None = None) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar, as the established trainers do.
+
+    ``sequence_mean``: mean over each completion's tokens, then over completions (the GRPO paper, TRL "grpo").
+    ``token_mean``: sum over all tokens / number of tokens (DAPO, TRL "dapo"/"bnpo" within a mini-batch).
+    ``max_length``: sum over all tokens / (completions * max_length) (Dr. GRPO, TRL "dr_grpo").
+    """
+    mask = mask.to(per_token.dtype)
+    if mode == "sequence_mean":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if mode == "token_mean":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if mode == "max_length":
+        if max_length is None:
+            raise ValueError("aggregation 'max_length' needs max_length (the max_new_tokens budget)")
+        return (per_token * mask).sum() / (per_token.shape[0] * max_length)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on every completion token up to and including the first EOS, 0 after it."""
+    is_eos = completion_ids == eos_token_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+@dataclass
+class PolicyTokens:
+    """What a registered loss term sees for one mini-batch (all [n, T] unless noted; only ``logp`` has grad).
+
+    ``action_mask`` marks the model's own tokens (for multi-turn data with tool outputs in between, each
+    contiguous run is one action / turn); for single-turn completions it equals ``mask``. ``answer_mask`` marks
+    the final answer's tokens when a term asked for it (``None`` otherwise).
+    """
+
+    logp: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
+    advantages: torch.Tensor  # [n]
+    mask: torch.Tensor
+    action_mask: torch.Tensor
+    answer_mask: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # [n] bool; False for completions whose reward was dropped

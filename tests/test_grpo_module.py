@@ -1,0 +1,167 @@
+"""GRPOModule end to end on a tiny Llama: on-policy ratio, LLDS registration, batched generation, checkpoints."""
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.llds import LLDS
+from datamodules.chat_encoding import pad
+from datamodules.verifiable_qa import VerifiableQADataModule
+from recipes.grpo import GRPOModule
+
+TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
+        "tie_word_embeddings": False}
+
+
+class MetricLog(L.Callback):
+    """Every step's logged metrics."""
+
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def data(tmp_path, **kwargs) -> VerifiableQADataModule:
+    return VerifiableQADataModule(synthetic_dir=str(tmp_path / "syn"), synthetic_sft_size=32, synthetic_train_size=16,
+                                  synthetic_val_size=4, batch_size=2, sft_batch_size=8, **kwargs)
+
+
+def fit(tmp_path, module, callbacks=(), steps=2, dm=None):
+    log = MetricLog()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[log, *callbacks], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm or data(tmp_path))
+    return trainer, log
+
+
+def module(**kwargs) -> GRPOModule:
+    kwargs = {"model_config": TINY, "num_generations": 4, "max_new_tokens": 5, **kwargs}
+    return GRPOModule(**kwargs)
+
+
+def test_mu1_ratio_exactly_one_llds_exactly_zero_and_warns(tmp_path):
+    torch.manual_seed(0)
+    m = module(mu=1, num_mini_batches=1)
+    with pytest.warns(UserWarning, match="LLDS is exactly zero"):
+        _, log = fit(tmp_path, m, [LLDS()], steps=2)
+    for step in log.steps:
+        assert step["grpo/ratio"] == 1.0
+        assert step["llds/penalty"] == 0.0 and step["loss/llds"] == 0.0
+        assert step["grpo/clip_fraction"] == 0.0
+        assert {"grpo/reward_mean", "grpo/reward_std", "grpo/accuracy", "grpo/entropy", "grpo/completion_length",
+                "grpo/logp_incorrect", "loss/grpo"} <= step.keys()
+
+
+def test_mu2_updates_off_policy_and_llds_acts(tmp_path):
+    torch.manual_seed(0)
+    m = module(mu=2, num_mini_batches=2, optimizer=lambda p: torch.optim.SGD(p, lr=5.0))
+    # a reward that always splits each group keeps advantages non-zero, so the policy must move
+    m.reward_funcs = [lambda prompts, completions, **c: [float(i % 2) for i in range(len(completions))]]
+    trainer, log = fit(tmp_path, m, [LLDS(gate="token")], steps=4)
+    assert trainer.global_step == 4  # one rollout batch = mu * num_mini_batches optimizer steps
+    assert log.steps[-1]["grpo/ratio"] != 1.0
+    assert log.steps[-1]["llds/penalty"] > 0.0 and log.steps[-1]["llds/gated_fraction"] > 0.0
+
+
+def test_registered_loss_term_is_added_and_logged(tmp_path):
+    torch.manual_seed(0)
+    m = module(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    seen = []
+
+    class Term(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            pl_module.register_loss_term("probe", self.term)
+
+        def term(self, tokens):
+            seen.append(tokens)
+            return 3.0 + 0.0 * tokens.logp.sum(), {"probe/tokens": tokens.mask.sum()}
+
+    _, log = fit(tmp_path, m, [Term()], steps=1)
+    assert log.steps[0]["loss/probe"] == 3.0
+    assert log.steps[0]["train/loss"] == pytest.approx(log.steps[0]["loss/grpo"] + 3.0)
+    t = seen[0]
+    assert t.logp.requires_grad and not t.old_logp.requires_grad
+    assert t.logp.shape == t.mask.shape and t.advantages.shape == (8,)  # 2 prompts x G=4
+    assert log.steps[0]["probe/tokens"] == float(t.mask.sum())
+
+
+def test_one_generate_call_for_all_prompts_and_samples(tmp_path):
+    m = module()
+    calls = []
+
+    class Spy(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            original = pl_module.model.generate
+
+            def generate(**kwargs):
+                calls.append((kwargs["input_ids"].shape[0], kwargs["use_cache"]))
+                return original(**kwargs)
+
+            pl_module.model.generate = generate
+
+    fit(tmp_path, m, [Spy()], steps=1)
+    assert calls == [(8, True)]
+
+
+def test_bad_reward_stops_run_with_its_name(tmp_path):
+    def broken(prompts, completions, **columns):
+        return [1.0]
+
+    m = module()
+    m.reward_funcs = [broken]
+    with pytest.raises(Exception, match="'broken' returned 1 rewards for 8 completions"):
+        fit(tmp_path, m, steps=1)
+
+    def raises(prompts, completions, **columns):
+        raise RuntimeError("judge offline")
+
+    m = module(drop_bad_rewards=True)
+    m.reward_funcs = [raises]
+    _, log = fit(tmp_path, m, steps=1)
+    assert log.steps[0]["grpo/dropped"] == 8.0 and log.steps[0]["loss/grpo"] == 0.0
+
+
+def test_sft_checkpoint_is_loaded(tmp_path):
+    from recipes.causal_lm import CausalLMModule
+
+    sft = CausalLMModule(model_config=TINY, tokenizer_name="char")
+    sft.configure_model()
+    path = tmp_path / "sft.ckpt"
+    torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams)}, path)
+    m = GRPOModule(sft_checkpoint=str(path), tokenizer_name="char", num_generations=2)
+    m.configure_model()
+    for (name, a), b in zip(sft.model.state_dict().items(), m.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_sft_warmup_lowers_loss_before_grpo(tmp_path):
+    torch.manual_seed(0)
+    dm = data(tmp_path)
+    dm.prepare_data()
+    dm.setup()
+    m = module(sft_steps=8, sft_lr=3e-3, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    m.tokenizer = dm.tokenizer
+    m.configure_model()
+    batch = next(iter(dm.sft_dataloader()))
+    with torch.no_grad():
+        before = float(m.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
+    fit(tmp_path, m, steps=1, dm=dm)
+    with torch.no_grad():
+        after = float(m.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
+    assert after < before - 0.5
+
+
+def test_answer_mask_marks_final_answer_span():
+    m = GRPOModule(tokenizer_name="char", num_generations=2)
+    tok = m.tokenizer
+    texts = ["so 3 #### 12", "just 7"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    completion = pad(ids, tok.pad_token_id)
+    cmask = pad([[1] * len(i) for i in ids], 0)
+    mask = m.answer_mask(completion, cmask, texts)
+    assert mask[0].tolist() == [False] * 5 + [True] * 8  # "#### 12" and EOS
+    assert mask[1].tolist() == [True] * 7 + [False] * 6  # no marker, one line: the whole completion

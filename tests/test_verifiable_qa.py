@@ -1,0 +1,75 @@
+"""VerifiableQADataModule: GSM8K and QA forms, chat-template prompts, held-out synthetic splits, clear errors."""
+
+import json
+
+import pytest
+
+from datamodules.jsonl_records import DataError
+from datamodules.rewards import GSM8KReward, QAExactMatch
+from datamodules.verifiable_qa import VerifiableQADataModule, read_verifiable_file
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_gsm8k_form_batches_and_reward(tmp_path):
+    train = write(tmp_path / "t.jsonl", [{"question": f"What is {i}+1?", "answer": f"It is.\n#### {i + 1:,}"}
+                                         for i in range(999, 1009)])
+    dm = VerifiableQADataModule(train_file=train, batch_size=4, val_fraction=0.2, system_prompt="Be brief.")
+    dm.setup()
+    assert len(dm.datasets["train"]) == 8 and len(dm.datasets["val"]) == 2
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["prompts"][0] == "<s><|system|>Be brief.</s><|user|>" + batch["prompts"][0].split("<|user|>")[1]
+    assert batch["prompts"][0].endswith("</s><|assistant|>")
+    assert batch["prompt_input_ids"][:, -1].tolist() == [dm.tokenizer.convert_tokens_to_ids("<|assistant|>")] * 2
+    assert all("," in a for a in batch["answer"])  # the reference keeps its text; the reward strips commas
+    fn = dm.reward_fn()
+    assert isinstance(fn, GSM8KReward) and fn.mode == "strict"
+    assert fn(batch["prompts"], [f"#### {a.replace(',', '')}" for a in batch["answer"]], **{"answer":
+              batch["answer"]}) == [1.0, 1.0]
+
+
+def test_qa_form(tmp_path):
+    train = write(tmp_path / "qa.jsonl", [{"question": "Capital of France?", "answers": ["Paris", "paris, france"]}])
+    val = write(tmp_path / "v.jsonl", [{"question": "Capital of Italy?", "answers": ["Rome"]}])
+    dm = VerifiableQADataModule(train_file=train, val_file=val)
+    dm.setup()
+    assert dm.form == "qa" and isinstance(dm.reward_fn(), QAExactMatch)
+    assert next(iter(dm.val_dataloader()))["answers"] == [["Rome"]]
+
+
+@pytest.mark.parametrize("records,match", [
+    ([{"question": "q", "answer": "42"}], r"x.jsonl:1: 'answer' must end with '#### <number>'"),
+    ([{"question": "q", "answers": []}], "x.jsonl:1: 'answers' must be a non-empty list of strings"),
+    ([{"question": "q", "answers": "Paris"}], "x.jsonl:1: 'answers' must be a non-empty list"),
+    ([{"prompt": "q", "answer": "#### 1"}], "x.jsonl:1: field 'question' must be a non-empty string"),
+    ([{"question": "q"}], "x.jsonl:1: expected 'answer'"),
+    ([{"question": "q", "answer": "#### 1"}, {"question": "q", "answers": ["a"]}], "x.jsonl:2: record is in qa form"),
+])
+def test_bad_records_name_file_and_line(tmp_path, records, match):
+    with pytest.raises(DataError, match=match):
+        read_verifiable_file(write(tmp_path / "x.jsonl", records))
+
+
+def test_prompt_too_long_is_an_error(tmp_path):
+    train = write(tmp_path / "t.jsonl", [{"question": "x" * 80, "answer": "#### 1"}] * 3)
+    dm = VerifiableQADataModule(train_file=train, max_prompt_length=32, val_fraction=0.4)
+    with pytest.raises(DataError, match="t.jsonl:[0-9]+: the prompt is [0-9]+ tokens, more than max_prompt_length"):
+        dm.setup()
+
+
+def test_synthetic_splits_are_disjoint(tmp_path):
+    dm = VerifiableQADataModule(synthetic_dir=str(tmp_path), synthetic_sft_size=50, synthetic_train_size=30,
+                                synthetic_val_size=10)
+    dm.prepare_data()
+    dm.setup()
+    questions = {}
+    for split, path in dm.synthetic_paths().items():
+        questions[split] = {json.loads(line)["question"] for line in path.read_text().splitlines()}
+    assert [len(questions[s]) for s in ("sft", "train", "val")] == [50, 30, 10]
+    assert not questions["sft"] & questions["train"] and not questions["val"] & (questions["sft"] | questions["train"])
+    batch = next(iter(dm.sft_dataloader()))
+    assert {"input_ids", "attention_mask", "labels"} <= batch.keys()
+    assert dm.form == "gsm8k" and len(dm.datasets["train"]) == 30
