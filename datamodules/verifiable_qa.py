@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt, pad
 from datamodules.jsonl_records import DataError, read_instruction_file, read_jsonl
+from datamodules.resumable_sampler import resumable_sampler
 from datamodules.rewards import BUILTIN_REWARDS, RewardFn, extract_gsm8k_answer
 from datamodules.synthetic_tasks import TASKS, make_problems
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
@@ -206,8 +207,11 @@ class VerifiableQADataModule(L.LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool, collate) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"No {split} split: set {split}_file (or leave train_file unset for the synthetic tasks)")
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.hparams.num_workers, collate_fn=collate)
+        dataset = self.datasets[split]
+        # the RL prompts' order is seeded per epoch, identical on every rank and resumable mid-epoch
+        sampler = resumable_sampler(dataset, self.trainer, batch_size, self.hparams.seed) if split == "train" else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
+                          drop_last=shuffle, num_workers=self.hparams.num_workers, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.hparams.batch_size, True, self.collate)

@@ -22,6 +22,8 @@ RESUME_ARGS: dict[str, list[str]] = {
     "owlore_sft": [*_SMALL_TEXT, "--trainer.callbacks.init_args.interval=2",
                    "--trainer.callbacks.init_args.calibration_batches=1",
                    "--model.init_args.optimizer.init_args.update_proj_gap=2"],  # projector refreshed around the crash
+    # 3 optimizer steps per rollout batch: the crash falls between two rollouts, LLDS is active (mu > 1)
+    "grpo_llds": ["--model.init_args.mu=3", "--model.init_args.num_mini_batches=1"],
 }
 
 
