@@ -13,14 +13,10 @@ from typing_extensions import override
 
 
 class ExactResume(Callback):
-    """Saves the global random states and corrects Lightning's batch counter when a checkpoint is restored.
-
-    * Random states (``torch``, ``random``, ``numpy``) are saved with every checkpoint and restored when training
-      restarts, so dropout masks, sampling and anything else drawn from them repeat exactly.
-    * A checkpoint written in ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=N)``) records the current
-      batch as processed but not completed; Lightning then replays it after a resume although its optimizer step is
-      already in the weights. This callback counts that batch as completed, so batch indices, validation intervals
-      and the data sampler (``datamodules.resumable_sampler``) continue where the interrupted run stopped.
+    """Saves the global random states (``torch``, ``random``, ``numpy``, CUDA) with every checkpoint and restores
+    them when training restarts, so dropout masks, rollout sampling, MAE masks and anything else drawn from them
+    repeat exactly. Lightning does not do this itself. The data order is restored by the data modules' sampler
+    (``datamodules.resumable_sampler``).
     """
 
     def __init__(self) -> None:
@@ -35,19 +31,6 @@ class ExactResume(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_rng = state_dict  # applied when training restarts, after setup has drawn what it draws
-
-    @override
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        loops = checkpoint.get("loops", {}).get("fit_loop", {})
-        progress = loops.get("epoch_loop.batch_progress")
-        if progress is None:
-            return
-        pending = progress["current"]["processed"] - progress["current"]["completed"]
-        if pending <= 0:
-            return
-        for key in ("current", "total"):
-            progress[key]["completed"] = progress[key]["processed"]
-        loops["epoch_loop.state_dict"]["_batches_that_stepped"] += pending
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

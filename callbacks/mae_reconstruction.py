@@ -57,7 +57,8 @@ class MAEReconstructionLogger(Callback):
             torch.manual_seed(self.seed)
             mask, recon = pl_module.reconstruct(self._images.to(pl_module.device))
         grid = self.make_grid(self._images, mask.cpu(), recon.cpu())
-        self._log(trainer, grid)
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+        self._log(trainer, grid, log_dir)
 
     def make_grid(self, original: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Rows original / masked (removed patches gray) / reconstruction, scaled by each original's own range."""
@@ -72,8 +73,8 @@ class MAEReconstructionLogger(Callback):
         return make_grid(rows, nrow=original.shape[0], padding=2, pad_value=1.0)
 
     @rank_zero_only
-    def _log(self, trainer: L.Trainer, grid: torch.Tensor) -> None:
-        folder = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / \
+    def _log(self, trainer: L.Trainer, grid: torch.Tensor, log_dir: str | None) -> None:
+        folder = Path(self.dirpath) if self.dirpath else Path(log_dir or trainer.default_root_dir) / \
             "mae_reconstructions"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"epoch_{trainer.current_epoch:04d}.png"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +9,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt
-from datamodules.jsonl_records import DataError, read_instruction_file
+from datamodules.holdout import holdout_split
+from datamodules.jsonl_records import read_instruction_file
 from datamodules.resumable_sampler import resumable_sampler
 from datamodules.synthetic_tasks import TASKS, Format, write_synthetic_splits
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
@@ -87,13 +87,7 @@ class InstructionDataModule(L.LightningDataModule):
         files = self.files()
         train = read_instruction_file(files["train"])
         if files["val"] is None:
-            order = list(range(len(train)))
-            random.Random(self.hparams.seed).shuffle(order)
-            n_val = max(1, round(len(train) * self.hparams.val_fraction))
-            if n_val >= len(train):
-                raise DataError(f"{files['train']}: {len(train)} records are too few to hold out a validation split")
-            val = [train[i] for i in sorted(order[:n_val])]
-            train = [train[i] for i in sorted(order[n_val:])]
+            train, val = holdout_split(train, self.hparams.val_fraction, self.hparams.seed, files["train"])
         else:
             val = read_instruction_file(files["val"])
         self.datasets = {"train": self._encode(train, with_answers=False), "val": self._encode(val, with_answers=True)}

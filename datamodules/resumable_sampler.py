@@ -66,9 +66,12 @@ def resumable_sampler(dataset: Sized, trainer: L.Trainer | None, batch_size: int
     if trainer is None:
         return ResumableSampler(dataset, seed=seed, with_seeds=with_seeds)
 
-    def samples_done() -> int:  # asked when the epoch's iterator is created, after a checkpoint was restored
+    def samples_done() -> int:
+        # Asked when an epoch's iterator is created. After a restore that is before Lightning resets its counters,
+        # so ``processed`` counts the batches whose optimizer step is in the restored weights (a checkpoint written
+        # in on_train_batch_end has processed = completed + 1).
         loop = trainer.fit_loop.epoch_loop
-        return loop.batch_progress.current.completed * batch_size if loop.restarting else 0
+        return loop.batch_progress.current.processed * batch_size if loop.restarting else 0
 
     return ResumableSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=seed,
                             with_seeds=with_seeds, samples_done=samples_done)

@@ -8,7 +8,6 @@ Accepted JSONL forms (one per file):
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt, pad
+from datamodules.holdout import holdout_split
 from datamodules.jsonl_records import DataError, read_instruction_file, read_jsonl
 from datamodules.resumable_sampler import resumable_sampler
 from datamodules.rewards import BUILTIN_REWARDS, RewardFn, extract_gsm8k_answer
@@ -154,13 +154,7 @@ class VerifiableQADataModule(L.LightningDataModule):
         files = self.files()
         self.form, train = read_verifiable_file(files["train"])
         if files["val"] is None:
-            order = list(range(len(train)))
-            random.Random(self.hparams.seed).shuffle(order)
-            n_val = max(1, round(len(train) * self.hparams.val_fraction))
-            if n_val >= len(train):
-                raise DataError(f"{files['train']}: {len(train)} records are too few to hold out a validation split")
-            val = [train[i] for i in sorted(order[:n_val])]
-            train = [train[i] for i in sorted(order[n_val:])]
+            train, val = holdout_split(train, self.hparams.val_fraction, self.hparams.seed, files["train"])
         else:
             val_form, val = read_verifiable_file(files["val"])
             if val_form != self.form:

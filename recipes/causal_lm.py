@@ -9,17 +9,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from datamodules.tokenizer import load_tokenizer
+from recipes.hf_model import build_causal_lm, module_tokenizer
 from recipes.lr_schedule import warmup_cosine
 from recipes.param_groups import decay_groups
-
-# A small Llama that trains on the synthetic tasks on a laptop CPU in minutes.
-DEFAULT_MODEL_CONFIG = {
-    "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False,
-}
 
 
 @dataclass
@@ -77,31 +72,12 @@ class CausalLMModule(L.LightningModule):
         self._tally: dict[str, list[float]] = {}
 
     # ----------------------------------------------------------------------------------------------- model
-    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-            if datamodule is None or not hasattr(datamodule, "tokenizer"):
-                raise RuntimeError("CausalLMModule needs a tokenizer: pass tokenizer_name=... or use a data module "
-                                   "that provides one (e.g. InstructionDataModule)")
-            self.tokenizer = datamodule.tokenizer
-        return self.tokenizer
-
     def configure_model(self) -> None:
         """Build the model once the tokenizer is known (Lightning calls this before optimizers and restores)."""
         if self.model is not None:
             return
-        tokenizer = self._resolve_tokenizer()
         hp = self.hparams
-        if hp.model_path is not None:
-            model = AutoModelForCausalLM.from_pretrained(hp.model_path, local_files_only=True)
-        else:
-            cfg = dict(hp.model_config or DEFAULT_MODEL_CONFIG)
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,
-                                                                          vocab_size=len(tokenizer)))
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            raise ValueError(f"The model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
-                             f"than the tokenizer's ({len(tokenizer)}); use the model's own tokenizer")
-        model.config.pad_token_id = tokenizer.pad_token_id
+        model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.lora is not None:
@@ -171,7 +147,7 @@ class CausalLMModule(L.LightningModule):
     @torch.no_grad()
     def generate_answers(self, batch: dict) -> list[str]:
         """Greedy answers to the left-padded prompts of ``batch``, decoded without special tokens."""
-        tokenizer = self._resolve_tokenizer()
+        tokenizer = module_tokenizer(self)
         prompt = batch["prompt_input_ids"]
         out = self.model.generate(input_ids=prompt, attention_mask=batch["prompt_attention_mask"], do_sample=False,
                                   max_new_tokens=self.hparams.max_new_tokens, pad_token_id=tokenizer.pad_token_id,

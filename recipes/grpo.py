@@ -15,11 +15,10 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
-from recipes.causal_lm import DEFAULT_MODEL_CONFIG
 from recipes.grpo_loss import (
     AGGREGATIONS,
     SCALES,
@@ -32,6 +31,7 @@ from recipes.grpo_loss import (
     token_entropy,
     token_logprobs,
 )
+from recipes.hf_model import build_causal_lm, module_tokenizer
 from recipes.param_groups import decay_groups
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -123,19 +123,10 @@ class GRPOModule(L.LightningModule):
     def updates_per_rollout(self) -> int:
         return self.hparams.mu * self.hparams.num_mini_batches
 
-    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-            if datamodule is None or not hasattr(datamodule, "tokenizer"):
-                raise RuntimeError("GRPOModule needs a tokenizer: pass tokenizer_name=... or use a data module that "
-                                   "provides one (e.g. VerifiableQADataModule)")
-            self.tokenizer = datamodule.tokenizer
-        return self.tokenizer
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        tokenizer = self._resolve_tokenizer()
+        tokenizer = module_tokenizer(self)
         hp = self.hparams
         state = None
         config = hp.model_config
@@ -147,21 +138,12 @@ class GRPOModule(L.LightningModule):
                 config = sft_hp.get("model_config")
                 if sft_hp.get("model_path"):
                     hp.model_path = sft_hp["model_path"]
-        if hp.model_path is not None:
-            model = AutoModelForCausalLM.from_pretrained(hp.model_path, local_files_only=True)
-        else:
-            cfg = dict(config or DEFAULT_MODEL_CONFIG)
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,
-                                                                          vocab_size=len(tokenizer)))
+        model = build_causal_lm(hp.model_path, config, tokenizer)
         if state is not None:
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise ValueError(f"{hp.sft_checkpoint} does not match the model (LoRA checkpoints must be merged "
                                  f"first): missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            raise ValueError(f"The model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
-                             f"than the tokenizer's ({len(tokenizer)}); use the model's own tokenizer")
-        model.config.pad_token_id = tokenizer.pad_token_id
         self.model = model
 
     def register_loss_term(self, name: str, fn: LossTerm, needs_answer_mask: bool = False) -> None:
@@ -221,7 +203,7 @@ class GRPOModule(L.LightningModule):
         Returns completion ids [P * num, T] (prompt-major: the ``num`` samples of a prompt are consecutive) and
         their mask (1 up to and including the first EOS).
         """
-        tokenizer = self._resolve_tokenizer()
+        tokenizer = module_tokenizer(self)
         hp = self.hparams
         ids, mask = prompt_ids.repeat_interleave(num, 0), prompt_mask.repeat_interleave(num, 0)
         was_training = self.model.training
@@ -261,7 +243,7 @@ class GRPOModule(L.LightningModule):
 
     def answer_mask(self, completion: torch.Tensor, cmask: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Tokens of the final answer: from the last ``####`` (or the last line) to the end of the completion."""
-        tokenizer = self._resolve_tokenizer()
+        tokenizer = module_tokenizer(self)
         out = torch.zeros_like(cmask, dtype=torch.bool)
         for i, text in enumerate(texts):
             start = text.rfind("####")
@@ -277,7 +259,7 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
         hp = self.hparams
-        tokenizer = self._resolve_tokenizer()
+        tokenizer = module_tokenizer(self)
         g = hp.num_generations
         prompt_ids = batch["prompt_input_ids"].repeat_interleave(g, 0)
         prompt_mask = batch["prompt_attention_mask"].repeat_interleave(g, 0)
@@ -373,7 +355,7 @@ class GRPOModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        tokenizer = self._resolve_tokenizer()
+        tokenizer = module_tokenizer(self)
         completion, _ = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"], 1, greedy=True,
                                       max_new_tokens=self.hparams.val_max_new_tokens)
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)

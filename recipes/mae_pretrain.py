@@ -205,11 +205,11 @@ class MAEPretrainModule(L.LightningModule):
     @override
     def on_fit_end(self) -> None:
         if self.hparams.export_encoder:
-            self._export_on_rank_zero()
+            # trainer.log_dir is a collective call under DDP: every rank asks, rank 0 writes
+            self._export_on_rank_zero(Path(self.trainer.log_dir or self.trainer.default_root_dir))
 
     @rank_zero_only
-    def _export_on_rank_zero(self) -> None:
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+    def _export_on_rank_zero(self, run_dir: Path) -> None:
         path = self.export_encoder_to(run_dir / "encoder.pth")
         rank_zero_info(f"MAE encoder saved to {path} (load with timm.create_model({self.hparams.model_name!r}, "
                        f"checkpoint_path=..., **{self.encoder_create_kwargs()}))")

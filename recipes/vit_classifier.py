@@ -158,8 +158,8 @@ class ViTClassifierModule(L.LightningModule):
     @override
     def on_test_epoch_end(self) -> None:
         macro, per_label, positives, negatives = self._end_eval("test")
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective under DDP: all ranks
         if self.hparams.auroc_table and self.trainer.is_global_zero:
-            run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             csv_path, png_path = write_auroc_table(run_dir / "test_auroc", self.label_names, per_label, positives,
                                                    negatives, macro)
             rank_zero_info(f"Per-label AUROC written to {csv_path} and {png_path}")

@@ -1,0 +1,40 @@
+"""Shared by the causal-LM recipes: find the tokenizer, build the Hugging Face model it belongs with."""
+
+from __future__ import annotations
+
+import lightning as L
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+# A small Llama that trains on the synthetic tasks on a laptop CPU in minutes.
+DEFAULT_MODEL_CONFIG = {
+    "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False,
+}
+
+
+def module_tokenizer(module: L.LightningModule) -> PreTrainedTokenizerBase:
+    """``module.tokenizer`` if set, else the attached data module's tokenizer (remembered on the module)."""
+    if module.tokenizer is None:
+        datamodule = getattr(module._trainer, "datamodule", None) if module._trainer else None
+        if datamodule is None or not hasattr(datamodule, "tokenizer"):
+            raise RuntimeError(f"{type(module).__name__} needs a tokenizer: pass tokenizer_name=... or use a data "
+                               "module that provides one (InstructionDataModule, VerifiableQADataModule)")
+        module.tokenizer = datamodule.tokenizer
+    return module.tokenizer
+
+
+def build_causal_lm(model_path: str | None, model_config: dict | None,
+                    tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A local ``from_pretrained`` directory, or a random-init model from ``AutoConfig.for_model`` arguments
+    (``model_type`` plus fields; ``vocab_size`` from the tokenizer). Never touches the network."""
+    if model_path is not None:
+        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+    else:
+        cfg = dict(model_config or DEFAULT_MODEL_CONFIG)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,
+                                                                      vocab_size=len(tokenizer)))
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ValueError(f"The model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
+                         f"than the tokenizer's ({len(tokenizer)}); use the model's own tokenizer")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
