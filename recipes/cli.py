@@ -31,8 +31,9 @@ class RecipesCLI(LightningCLI):
     """LightningCLI in subclass mode, with the collection's loggers unless the config names its own.
 
     Every run also gets :class:`RunInfoLogger` (seed and library versions), :class:`FiniteLossGuard` (stop at the
-    first NaN/inf loss) and :class:`ExactResume` (random states and batch position restored exactly on resume), and
-    its log directory is checked for write access and free space before training.
+    first NaN/inf loss) and :class:`ExactResume` (global random states restored on resume; the data modules'
+    resumable sampler restores the batch position), and its log directory is checked for write access and free
+    space before training.
     """
 
     def __init__(self, *args, **kwargs) -> None:
