@@ -26,7 +26,7 @@ class FiniteLossGuard(Callback):
 
     def __init__(self, metric: str = "train/loss") -> None:
         self.metric = metric
-        self.last_finite: dict[str, float] = {}
+        self.last_finite: dict[str, torch.Tensor] = {}
         self.last_finite_step: int | None = None
 
     @override
@@ -39,12 +39,13 @@ class FiniteLossGuard(Callback):
             return
         value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         if not math.isfinite(value):
-            last = ", ".join(f"{k}={v:.6g}" for k, v in sorted(self.last_finite.items())) or "none logged yet"
+            last = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(self.last_finite.items())) or "none logged yet"
             raise NonFiniteLossError(
                 f"Training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
                 f"batch {batch_idx}). Last finite metrics (step {self.last_finite_step}): {last}. "
                 "Checkpoints written before this step are intact; lower the learning rate or check the data."
             )
-        self.last_finite = {k: float(v) for k, v in trainer.callback_metrics.items()
-                            if k.startswith("train/") and v.numel() == 1 and math.isfinite(float(v))}
+        # keep references only (no per-step host syncs); converted to numbers when an error is reported
+        self.last_finite = {k: v for k, v in trainer.callback_metrics.items()
+                            if k.startswith("train/") and v.numel() == 1}
         self.last_finite_step = trainer.global_step
