@@ -31,7 +31,7 @@ from datamodules.synthetic_tasks import make_problems  # noqa: E402
 from datamodules.tokenizer import build_char_tokenizer  # noqa: E402
 from datamodules.verifiable_qa import VerifiableQADataModule  # noqa: E402
 from recipes.grpo import GRPOModule  # noqa: E402
-from recipes.hf_model import DEFAULT_MODEL_CONFIG  # noqa: E402
+from recipes.parts.hf_model import DEFAULT_MODEL_CONFIG  # noqa: E402
 
 
 class StepTimer(L.Callback):

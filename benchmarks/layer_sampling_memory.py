@@ -43,7 +43,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     import transformers
     from torch.utils.data import DataLoader, TensorDataset
 
-    from callbacks.galore import GaLoreAdamW
+    from callbacks.core.galore import GaLoreAdamW
     from callbacks.lisa import LISA, optimizer_state_bytes
     from callbacks.owlore import OwLore
 

@@ -31,7 +31,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from callbacks.galore import GaLoreAdamW  # noqa: E402
+from callbacks.core.galore import GaLoreAdamW  # noqa: E402
 from callbacks.lisa import LISA  # noqa: E402
 from callbacks.owlore import OwLore  # noqa: E402
 from datamodules.instruction import InstructionDataModule  # noqa: E402

@@ -20,8 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.mae_masking import num_kept  # noqa: E402
 from recipes.mae_pretrain import MAEPretrainModule  # noqa: E402
+from recipes.parts.mae_masking import num_kept  # noqa: E402
 
 
 def block_flops(tokens: int, dim: int, depth: int) -> float:

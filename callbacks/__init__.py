@@ -6,8 +6,8 @@ Names are imported lazily, so ``class_path: callbacks.LISA`` in a YAML only impo
 import importlib
 
 _EXPORTS = {
-    "find_blocks": "callbacks.blocks",
-    "ModelParts": "callbacks.blocks",
+    "find_blocks": "callbacks.core.blocks",
+    "ModelParts": "callbacks.core.blocks",
     "LISA": "callbacks.lisa",
     "OwLore": "callbacks.owlore",
     "ProgressiveLayerDrop": "callbacks.layer_drop",

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from callbacks.blocks import find_blocks
+from callbacks.core.blocks import find_blocks
 
 
 class ProgressiveLayerDrop(L.Callback):
@@ -52,7 +52,7 @@ class ProgressiveLayerDrop(L.Callback):
         keep_first: always run the first block.
         keep_last: always run the last block.
         seed: seed of the drop generator (the same on every rank).
-        blocks_path: dotted path to the ``nn.ModuleList`` of blocks when :func:`~callbacks.blocks.find_blocks`
+        blocks_path: dotted path to the ``nn.ModuleList`` of blocks when :func:`~callbacks.core.blocks.find_blocks`
             cannot locate it.
     """
 

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from callbacks.blocks import ModelParts, find_blocks
+from callbacks.core.blocks import ModelParts, find_blocks
 
 
 class LISA(Callback):
@@ -45,7 +45,7 @@ class LISA(Callback):
         train_norm: keep the final norm trainable.
         weights: fixed per-block sampling weights (any non-negative numbers, normalised); ``None`` is uniform.
         seed: seed of the sampling generator (the same on every rank).
-        blocks_path: dotted path to the blocks for models :func:`~callbacks.blocks.find_blocks` does not know.
+        blocks_path: dotted path to the blocks for models :func:`~callbacks.core.blocks.find_blocks` does not know.
     """
 
     def __init__(

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from recipes.grpo_loss import PolicyTokens
+from callbacks.core.policy_tokens import PolicyTokens
 
 GATES = ("token", "response", "action")
 NORMALIZATIONS = ("regularized_tokens", "all_tokens")

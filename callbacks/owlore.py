@@ -13,8 +13,9 @@ is not ``n_layers * p_l``). The scores are computed at fit start from ``calibrat
 precomputed file only, and from a wrong path).
 
 The 2-D weights of the blocks are trained with GaLore low-rank gradients: the module's optimizer must be
-:class:`~callbacks.galore.GaLoreAdamW` (``optimizer: {class_path: callbacks.galore.GaLoreAdamW, init_args: {rank:
-256, update_proj_gap: 100, scale: 1.0}}``, OwLore's script values); embedding, head and norms get plain AdamW.
+:class:`~callbacks.core.galore.GaLoreAdamW`
+(``optimizer: {class_path: callbacks.core.galore.GaLoreAdamW, init_args: {rank: 256, update_proj_gap: 100,
+scale: 1.0}}``, OwLore's script values); embedding, head and norms get plain AdamW.
 A deactivated block's state (moments and projector) is released, so a re-sampled block gets a fresh projector
 and fresh moments. ``galore=False`` gives outlier-weighted LISA with any optimizer.
 """
@@ -31,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from callbacks.galore import GaLoreAdamW
+from callbacks.core.galore import GaLoreAdamW
 from callbacks.lisa import LISA
 
 
@@ -78,7 +79,7 @@ class OwLore(LISA):
         calibration_batches: training batches used to compute the scores (OWL: 128 sequences).
         scores: per-block outlier scores D_l given directly (skips calibration).
         scores_file: JSON cache ``{"scores": [...]}``: read when it exists, else written after calibration.
-        galore: project the blocks' 2-D weight gradients (needs :class:`~callbacks.galore.GaLoreAdamW`).
+        galore: project the blocks' 2-D weight gradients (needs :class:`~callbacks.core.galore.GaLoreAdamW`).
         seed: seed of the sampling generator (the same on every rank).
         blocks_path: dotted path to the blocks for models the block finder does not know.
     """
@@ -120,7 +121,8 @@ class OwLore(LISA):
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             if not isinstance(optimizer, GaLoreAdamW):
                 raise TypeError(f"OwLore(galore=True) needs the GaLoreAdamW optimizer, got {type(optimizer).__name__}"
-                                ": set model.optimizer.class_path to callbacks.galore.GaLoreAdamW, or galore=False")
+                                ": set model.optimizer.class_path to "
+                                "callbacks.core.galore.GaLoreAdamW, or galore=False")
             optimizer.set_projected(p for block in self._block_params for p in block)
 
     @override

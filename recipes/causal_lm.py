@@ -12,9 +12,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.tokenizer import load_tokenizer
-from recipes.hf_model import build_causal_lm, module_tokenizer
-from recipes.lr_schedule import warmup_cosine
-from recipes.param_groups import decay_groups
+from recipes.parts.hf_model import build_causal_lm, module_tokenizer
+from recipes.parts.optim import decay_groups, warmup_cosine
 
 
 @dataclass

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from callbacks.exact_resume import ExactResume
 from callbacks.finite_loss import FiniteLossGuard
 from callbacks.run_info import RunInfoLogger
-from recipes.loggers import check_log_dir, default_loggers
+from recipes.parts.loggers import check_log_dir, default_loggers
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

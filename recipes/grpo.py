@@ -17,12 +17,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
+from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
-from recipes.grpo_loss import (
+from recipes.parts.grpo_loss import (
     AGGREGATIONS,
     SCALES,
-    PolicyTokens,
     aggregate,
     clipped_surrogate,
     completion_mask,
@@ -31,8 +31,8 @@ from recipes.grpo_loss import (
     token_entropy,
     token_logprobs,
 )
-from recipes.hf_model import build_causal_lm, module_tokenizer
-from recipes.param_groups import decay_groups
+from recipes.parts.hf_model import build_causal_lm, module_tokenizer
+from recipes.parts.optim import decay_groups
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 

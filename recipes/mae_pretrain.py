@@ -21,9 +21,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from typing_extensions import override
 
-from recipes.lr_schedule import warmup_cosine
-from recipes.mae_masking import masked_mse, patchify, random_masking, sincos_pos_embed_2d, unpatchify
-from recipes.vit_optim import effective_batch_size, scaled_lr, weight_decay_groups
+from recipes.parts.mae_masking import masked_mse, patchify, random_masking, sincos_pos_embed_2d, unpatchify
+from recipes.parts.optim import effective_batch_size, scaled_lr, warmup_cosine, weight_decay_groups
 
 
 class MAEPretrainModule(L.LightningModule):

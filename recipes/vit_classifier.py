@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from recipes.lr_schedule import warmup_cosine
-from recipes.multilabel_auroc import MaskedMultilabelAUROC, write_auroc_table
-from recipes.vit_checkpoint import load_encoder_weights
-from recipes.vit_optim import effective_batch_size, layer_decay_groups, scaled_lr
+from recipes.parts.auroc import MaskedMultilabelAUROC, write_auroc_table
+from recipes.parts.optim import effective_batch_size, layer_decay_groups, scaled_lr, warmup_cosine
+from recipes.parts.vit_checkpoint import load_encoder_weights
 
 
 class ViTClassifierModule(L.LightningModule):

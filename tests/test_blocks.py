@@ -6,7 +6,7 @@ import torch
 import transformers
 from torch import nn
 
-from callbacks.blocks import block_parameter_names, find_blocks
+from callbacks.core.blocks import block_parameter_names, find_blocks
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
 HF_CONFIGS = {

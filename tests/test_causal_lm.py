@@ -11,9 +11,8 @@ import transformers
 from datamodules.instruction import InstructionDataModule
 from datamodules.tokenizer import build_char_tokenizer
 from recipes.causal_lm import CausalLMModule, LoraSettings
-from recipes.loggers import default_loggers
-from recipes.lr_schedule import warmup_cosine
-from recipes.param_groups import decay_groups
+from recipes.parts.loggers import default_loggers
+from recipes.parts.optim import decay_groups, warmup_cosine
 
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}

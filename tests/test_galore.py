@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from callbacks.galore import GaLoreAdamW
+from callbacks.core.galore import GaLoreAdamW
 
 
 def reference_galore(w0: torch.Tensor, grads: list[torch.Tensor], lr: float, betas, eps: float, wd: float,

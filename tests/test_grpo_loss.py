@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from recipes.grpo_loss import (
+from recipes.parts.grpo_loss import (
     aggregate,
     clipped_surrogate,
     completion_mask,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.blocks import block_parameter_names, find_blocks
+from callbacks.core.blocks import block_parameter_names, find_blocks
 from callbacks.lisa import LISA, optimizer_state_bytes
 from tests.sampling_helpers import TinyLM, token_loader, trainer
 

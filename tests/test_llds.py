@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from callbacks.core.policy_tokens import PolicyTokens
 from callbacks.llds import LLDS, llds_penalty, segment_ids
-from recipes.grpo_loss import PolicyTokens
 
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
 # delta = old - logp: response 0 sums to -0.3, response 1 to 0.4, response 2 (A < 0) is large but never regularized

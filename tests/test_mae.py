@@ -6,8 +6,8 @@ import pytest
 import timm
 import torch
 
-from recipes.mae_masking import masked_mse, num_kept, patchify, random_masking, sincos_pos_embed_2d, unpatchify
 from recipes.mae_pretrain import MAEPretrainModule
+from recipes.parts.mae_masking import masked_mse, num_kept, patchify, random_masking, sincos_pos_embed_2d, unpatchify
 
 TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.galore import GaLoreAdamW
+from callbacks.core.galore import GaLoreAdamW
 from callbacks.lisa import LISA, optimizer_state_bytes
 from callbacks.owlore import OwLore
 from tests.sampling_helpers import TinyLM, token_loader, trainer
@@ -127,5 +127,5 @@ def test_scores_survive_the_checkpoint():
 
 
 def test_needs_galore_optimizer(tmp_path):
-    with pytest.raises(TypeError, match="callbacks.galore.GaLoreAdamW"):
+    with pytest.raises(TypeError, match="callbacks.core.galore.GaLoreAdamW"):
         trainer([OwLore(n_layers=2, scores=[1, 1, 1, 1])], 1, tmp_path).fit(TinyLM(), token_loader(batches=1))

@@ -18,7 +18,7 @@ from callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from datamodules.instruction import InstructionDataModule
 from recipes.causal_lm import CausalLMModule
 from recipes.cli import CONFIG_DIR, main
-from recipes.loggers import check_log_dir
+from recipes.parts.loggers import check_log_dir
 from tests.test_configs import SMOKE_ARGS
 
 TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from recipes.mae_pretrain import MAEPretrainModule
-from recipes.multilabel_auroc import MaskedMultilabelAUROC, write_auroc_table
+from recipes.parts.auroc import MaskedMultilabelAUROC, write_auroc_table
+from recipes.parts.optim import layer_decay_groups
 from recipes.vit_classifier import ViTClassifierModule
-from recipes.vit_optim import layer_decay_groups
 
 TINY = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 LABELS = ["a", "b", "c"]

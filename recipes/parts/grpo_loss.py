@@ -1,12 +1,11 @@
-"""The math of GRPO (DeepSeekMath, arXiv 2402.03300) as pure tensor functions, and the per-token batch that
-registered loss terms (e.g. ``callbacks.LLDS``) receive.
+"""The math of GRPO (DeepSeekMath, arXiv 2402.03300) as pure tensor functions.
+
+The per-token batch that registered loss terms (e.g. ``callbacks.LLDS``) receive is ``callbacks.core.PolicyTokens``.
 
 Shapes: ``N`` completions, ``T`` completion tokens (right-padded); ``mask`` is 1 on a completion's real tokens.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -101,22 +100,3 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Te
     is_eos = completion_ids == eos_token_id
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
     return (~after_eos).long()
-
-
-@dataclass
-class PolicyTokens:
-    """What a registered loss term sees for one mini-batch (all [n, T] unless noted; only ``logp`` has grad).
-
-    ``action_mask`` marks the model's own tokens (for multi-turn data with tool outputs in between, each
-    contiguous run is one action / turn); for single-turn completions it equals ``mask``. ``answer_mask`` marks
-    the final answer's tokens when a term asked for it (``None`` otherwise).
-    """
-
-    logp: torch.Tensor
-    old_logp: torch.Tensor
-    ref_logp: torch.Tensor | None
-    advantages: torch.Tensor  # [n]
-    mask: torch.Tensor
-    action_mask: torch.Tensor
-    answer_mask: torch.Tensor | None = None
-    valid: torch.Tensor | None = None  # [n] bool; False for completions whose reward was dropped

@@ -1,5 +1,8 @@
-"""Optimizer setup shared by the ViT recipes: the linear LR scaling rule and layer-wise LR decay groups.
+"""Optimizer set-up for every recipe: named parameter groups, the warm-up + cosine schedule, the MAE LR scaling rule.
 
+Groups are named (``decay``/``no_decay``, ``layer_<id>_decay``) so learning-rate logging keys stay stable.
+
+ViT layer-wise LR decay:
 Layer ids follow the MAE / BEiT / timm convention (MAE ``util/lr_decay.py``): ``cls_token``, ``pos_embed``,
 ``patch_embed`` (and register tokens) are layer 0, ``blocks.i`` is layer ``i + 1`` and everything after the
 blocks (final norm, ``fc_norm``, head) is layer ``L + 1``; a layer's LR scale is ``decay ** (L + 1 - layer_id)``.
@@ -7,6 +10,8 @@ Biases, norm weights and the position/class tokens get no weight decay.
 """
 
 from __future__ import annotations
+
+import math
 
 import lightning as L
 from torch import nn
@@ -77,3 +82,28 @@ def effective_batch_size(trainer: L.Trainer, batch_size: int | None = None) -> i
 def scaled_lr(base_lr: float, batch: int) -> float:
     """The linear scaling rule of MAE: ``lr = base_lr * batch / 256``."""
     return base_lr * batch / 256
+
+
+def decay_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict]:
+    """Two groups over the trainable parameters: ``decay`` (matrices) and ``no_decay`` (biases, norms, 1-D).
+
+    ``weight_decay`` (when given) is set on the ``decay`` group; ``no_decay`` always has weight decay 0.
+    Frozen parameters at build time (e.g. a LoRA base model) are left out.
+    """
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+    if weight_decay is not None:
+        groups[0]["weight_decay"] = weight_decay
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """LR multiplier at optimizer step ``step``: ``(step + 1) / warmup`` in warm-up, then cosine to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -15,7 +15,7 @@ not projected gets plain AdamW.
 Which weights are projected: :meth:`GaLoreAdamW.set_projected` (the :class:`~callbacks.owlore.OwLore` callback
 calls it with the 2-D weights of the blocks), or ``project_all_matrices=True`` for every 2-D parameter. The
 projector is an ordinary tensor in ``optimizer.state[p]["projector"]``, so it is checkpointed with the optimizer.
-Use from a YAML as ``optimizer: {class_path: callbacks.galore.GaLoreAdamW, init_args: {lr: ..., rank: 256}}``.
+Use from a YAML as ``optimizer: {class_path: callbacks.core.galore.GaLoreAdamW, init_args: {lr: ..., rank: 256}}``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,10 @@
+"""Building blocks the LightningModules share: each file is one concept.
+
+- ``grpo_loss``: GRPO's advantages, surrogate, KL and aggregation as tensor functions.
+- ``mae_masking``: MAE's patchify, random masking, masked MSE and 2-D sin-cos position embeddings.
+- ``auroc``: the masked multi-label AUROC and its CSV/PNG table.
+- ``optim``: optimizer set-up: decay/no-decay groups, ViT layer-decay groups, warm-up + cosine, LR scaling.
+- ``hf_model``: building or loading a Hugging Face causal LM and its tokenizer.
+- ``vit_checkpoint``: loading a pre-trained encoder into a timm ViT.
+- ``loggers``: the default CSV + W&B loggers and the run folder.
+"""

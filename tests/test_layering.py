@@ -1,0 +1,43 @@
+"""Packages depend one way: ``recipes`` may import ``callbacks`` and ``datamodules``; those never import upward."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# package -> top-level packages of this project it must not import
+FORBIDDEN = {"callbacks": {"recipes", "datamodules"}, "datamodules": {"recipes", "callbacks"}}
+
+
+def upward_imports(path: Path, forbidden: set[str]) -> list[str]:
+    """``file:line module`` for every import in ``path`` whose top-level package is in ``forbidden``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in forbidden]
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_lower_packages_never_import_upward(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no Python files under {package}/"
+    bad = [hit for f in files for hit in upward_imports(f, FORBIDDEN[package])]
+    assert not bad, "lower package imports a higher one:\n" + "\n".join(bad)
+
+
+def test_checker_sees_plain_and_nested_imports(tmp_path, monkeypatch):
+    monkeypatch.setattr("tests.test_layering.ROOT", tmp_path)
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\ndef f():\n    from recipes.parts.grpo_loss import aggregate\n"
+                   "import datamodules.rewards\n")
+    assert upward_imports(bad, {"recipes", "datamodules"}) == ["bad.py:3 recipes.parts.grpo_loss",
+                                                                 "bad.py:4 datamodules.rewards"]
