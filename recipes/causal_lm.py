@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.tokenizer import load_tokenizer
 from recipes.parts.hf_model import build_causal_lm, module_tokenizer
-from recipes.parts.optim import decay_groups, warmup_cosine
+from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
 
 
 @dataclass
@@ -97,9 +97,6 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        optimizer = self.optimizers(use_pl_optimizer=False)
-        for i, group in enumerate(optimizer.param_groups):
-            self.log(f"optim/lr_{group.get('name', i)}", group["lr"], batch_size=1)
         return out.loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
@@ -157,15 +154,10 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(decay_groups(self.model))
         hp = self.hparams
-        total = int(self.trainer.estimated_stepping_batches)
-        if hp.lr_schedule == "cosine":
-            def factor(step: int) -> float:
-                return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        else:
-            def factor(step: int) -> float:
-                return min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else 1.0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        min_ratio = hp.min_lr_ratio if hp.lr_schedule == "cosine" else 1.0  # 1.0: constant after warm-up
+        scheduler = warmup_cosine_scheduler(optimizer, hp.warmup_steps, int(self.trainer.estimated_stepping_batches),
+                                            min_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 def _apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:

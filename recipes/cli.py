@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -31,8 +32,9 @@ class RecipesCLI(LightningCLI):
     """LightningCLI in subclass mode, with the collection's loggers unless the config names its own.
 
     Every run also gets :class:`RunInfoLogger` (seed and library versions), :class:`FiniteLossGuard` (stop at the
-    first NaN/inf loss) and :class:`ExactResume` (global random states restored on resume; the data modules'
-    resumable sampler restores the batch position), and its log directory is checked for write access and free
+    first NaN/inf loss), :class:`ExactResume` (global random states restored on resume; the data modules'
+    resumable sampler restores the batch position) and Lightning's ``LearningRateMonitor`` (``optim/lr/<group>``
+    every logged step), and its log directory is checked for write access and free
     space before training.
     """
 
@@ -42,7 +44,8 @@ class RecipesCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 42)
         # a misspelled option must be an error, not silently read as an abbreviation of a longer one
         kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})  # subcommand parsers inherit it
-        kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume()]})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
+                                                             LearningRateMonitor(logging_interval="step")]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -61,6 +64,9 @@ class RecipesCLI(LightningCLI):
         check_log_dir(root, config["min_free_mb"])
         if config["trainer"].get("logger") in (None, True):
             kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"], config["wandb_project"])
+        elif config["trainer"].get("logger") is False:  # no logger to send learning rates to
+            self.trainer_defaults["callbacks"] = [c for c in self.trainer_defaults["callbacks"]
+                                                  if not isinstance(c, LearningRateMonitor)]
         return super().instantiate_trainer(**kwargs)
 
     @staticmethod

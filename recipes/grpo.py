@@ -32,7 +32,7 @@ from recipes.parts.grpo_loss import (
     token_logprobs,
 )
 from recipes.parts.hf_model import build_causal_lm, module_tokenizer
-from recipes.parts.optim import decay_groups
+from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -329,8 +329,6 @@ class GRPOModule(L.LightningModule):
                 optimizer.step()
                 scheduler.step()
                 _add(stats, "train/loss", loss.detach())
-        for i, group in enumerate(optimizer.optimizer.param_groups):
-            self.log(f"optim/lr_{group.get('name', i)}", group["lr"], batch_size=1)
 
         self._log_rollout(rewards, correct, valid, cmask, old_logp, n)
         self.log_dict({k: torch.stack(v).float().mean() for k, v in stats.items()}, batch_size=n)
@@ -367,12 +365,8 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(decay_groups(self.model))
-        warmup = self.hparams.warmup_steps
-
-        def factor(step: int) -> float:
-            return min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, factor)]
+        warmup = self.hparams.warmup_steps  # then constant (min_ratio 1)
+        return {"optimizer": optimizer, "lr_scheduler": warmup_cosine_scheduler(optimizer, warmup, warmup, 1.0)}
 
 
 def _add(stats: dict[str, list[torch.Tensor]], key: str, value: torch.Tensor) -> None:
