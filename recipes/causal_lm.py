@@ -12,7 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.tokenizer import load_tokenizer
-from recipes.parts.hf_model import build_causal_lm, module_tokenizer
+from recipes.parts.hf_model import build_causal_lm, enable_activation_checkpointing, module_tokenizer
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
 
 
@@ -78,7 +78,7 @@ class CausalLMModule(L.LightningModule):
         hp = self.hparams
         model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
         if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if hp.lora is not None:
             model = _apply_lora(model, hp.lora)
         self.model = model
