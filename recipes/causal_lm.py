@@ -26,6 +26,21 @@ class LoraSettings:
     target_modules: str | list[str] = "all-linear"
 
 
+@dataclass
+class EvalTally:
+    """Running sums of one validation/test epoch on this rank."""
+
+    loss_sum: float = 0.0  # cross-entropy x response tokens
+    tokens: int = 0  # response tokens
+    correct: int = 0  # greedy answers equal to the reference
+    answered: int = 0  # answers generated
+    batches: int = 0
+
+    def sums(self) -> list[float]:
+        """The four sums that are added up over ranks."""
+        return [self.loss_sum, self.tokens, self.correct, self.answered]
+
+
 class CausalLMModule(L.LightningModule):
     """Supervised fine-tuning of a causal LM with the loss on response tokens.
 
@@ -68,7 +83,7 @@ class CausalLMModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.model: torch.nn.Module | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = load_tokenizer(tokenizer_name) if tokenizer_name else None
-        self._tally: dict[str, list[float]] = {}
+        self._tally: dict[str, EvalTally] = {}
 
     # ----------------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -101,19 +116,19 @@ class CausalLMModule(L.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False)
-        tally = self._tally[stage]  # [loss * tokens, tokens, correct answers, answers generated, batches]
+        tally = self._tally[stage]
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        tally[0] += float(out.loss) * tokens
-        tally[1] += tokens
-        if "answers" in batch and tally[4] < self.hparams.exact_match_batches:
+        tally.loss_sum += float(out.loss) * tokens
+        tally.tokens += tokens
+        if "answers" in batch and tally.batches < self.hparams.exact_match_batches:
             answers = self.generate_answers(batch)
-            tally[2] += sum(p.strip() == a.strip() for p, a in zip(answers, batch["answers"], strict=True))
-            tally[3] += len(answers)
-        tally[4] += 1
+            tally.correct += sum(p.strip() == a.strip() for p, a in zip(answers, batch["answers"], strict=True))
+            tally.answered += len(answers)
+        tally.batches += 1
 
     def _end_eval(self, stage: str) -> None:
         """Token-weighted loss, perplexity and exact match, summed over ranks."""
-        totals = self.all_gather(torch.tensor(self._tally[stage][:4], dtype=torch.float64, device=self.device))
+        totals = self.all_gather(torch.tensor(self._tally[stage].sums(), dtype=torch.float64, device=self.device))
         if totals.ndim == 2:
             totals = totals.sum(0)
         loss = float(totals[0] / totals[1].clamp(min=1))
@@ -123,7 +138,7 @@ class CausalLMModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, sync_dist=True)  # already summed over ranks; silences the DDP warning
 
     def on_validation_epoch_start(self) -> None:
-        self._tally["val"] = [0.0, 0, 0, 0, 0]
+        self._tally["val"] = EvalTally()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -132,7 +147,7 @@ class CausalLMModule(L.LightningModule):
         self._end_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        self._tally["test"] = [0.0, 0, 0, 0, 0]
+        self._tally["test"] = EvalTally()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")

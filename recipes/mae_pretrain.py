@@ -36,8 +36,8 @@ class MAEPretrainModule(L.LightningModule):
             ``num_heads`` for a tiny test model); reuse the same ones when loading the exported encoder.
         decoder_dim / decoder_depth / decoder_heads: the light decoder (paper: 512-d, depth 2 for ViT-S, 8 for ViT-B).
         mask_ratio: share of patches removed (paper: 0.9).
-        norm_pix_loss: normalize each target patch by its mean/variance (MAE option; off by default here, as in
-            the issue's recipe; the MAE paper reports it helps on ImageNet).
+        norm_pix_loss: normalize each target patch by its mean/variance (MAE option; off by default, as in the
+            chest X-ray recipe of arXiv 2210.12843).
         base_lr: the learning rate per 256 images; the peak lr is ``base_lr * batch / 256`` (paper: 1.5e-4).
         lr: absolute peak learning rate, overriding the scaling rule when given.
         betas / weight_decay: AdamW settings (paper: (0.9, 0.95), 0.05; no decay on biases and norms).
