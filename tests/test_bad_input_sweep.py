@@ -127,7 +127,7 @@ CONFIG_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_config_mistakes(case, tmp_path, capsys, monkeypatch):
+def test_config_mistakes(case, tmp_path, capsys, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     args, pattern = CONFIG_CASES[case]
     with pytest.raises(SystemExit) as exit_info:
@@ -137,7 +137,7 @@ def test_config_mistakes(case, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "runs").exists(), "nothing may be trained or logged"
 
 
-def test_yaml_file_with_misspelled_key(tmp_path, capsys, monkeypatch):
+def test_yaml_file_with_misspelled_key(tmp_path, capsys, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     text = (CONFIG_DIR / "sft.yaml").read_text().replace("  max_steps:", "  max_stepz:")
     (tmp_path / "bad.yaml").write_text(text)

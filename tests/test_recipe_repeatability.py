@@ -47,7 +47,7 @@ def _run(path, root, crash: bool = False, ckpt: str | None = None) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_same_seed_same_run_and_exact_resume(path, tmp_path, monkeypatch):
+def test_same_seed_same_run_and_exact_resume(path, tmp_path, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     first = _run(path, tmp_path / "first")
     second = _run(path, tmp_path / "second")
