@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
+from recipes.parts.answer_span import answer_mask
 from recipes.parts.grpo_loss import (
     AGGREGATIONS,
     SCALES,
@@ -243,18 +244,7 @@ class GRPOModule(L.LightningModule):
 
     def answer_mask(self, completion: torch.Tensor, cmask: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Tokens of the final answer: from the last ``####`` (or the last line) to the end of the completion."""
-        tokenizer = module_tokenizer(self)
-        out = torch.zeros_like(cmask, dtype=torch.bool)
-        for i, text in enumerate(texts):
-            start = text.rfind("####")
-            start = text.rfind("\n") + 1 if start < 0 else start
-            n = int(cmask[i].sum())
-            ids = completion[i, :n].tolist()
-            for t in range(n):
-                if len(tokenizer.decode(ids[:t + 1], skip_special_tokens=True)) > start:
-                    out[i, t:n] = True
-                    break
-        return out & cmask.bool()
+        return answer_mask(module_tokenizer(self), completion, cmask, texts)
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
