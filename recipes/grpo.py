@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
+from recipes.parts import answer_span
 from recipes.parts.grpo_loss import (
     AGGREGATIONS,
     SCALES,
@@ -33,7 +34,7 @@ from recipes.parts.grpo_loss import (
 )
 from recipes.parts.hf_model import build_causal_lm, module_tokenizer
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
-from recipes.parts.rollout import Rollout, answer_token_mask
+from recipes.parts.rollout import Rollout
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -244,7 +245,7 @@ class GRPOModule(L.LightningModule):
 
     def answer_mask(self, completion: torch.Tensor, cmask: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Tokens of the final answer: from the last ``####`` (or the last line) to the end of the completion."""
-        return answer_token_mask(module_tokenizer(self), completion, cmask, texts)
+        return answer_span.answer_mask(module_tokenizer(self), completion, cmask, texts)
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
