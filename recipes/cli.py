@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -26,7 +26,7 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update({"cli": self.parser.dump(self.config, skip_none=False)},
+                logger.experiment.config.update({"cli": self.parser.dump(self.config, skip_unset=False)},
                                                 allow_val_change=True)
 
 
@@ -67,8 +67,10 @@ class RecipesCLI(LightningCLI):
         check_log_dir(root, config["min_free_mb"])
         if config["trainer"].get("logger") in (None, True):
             kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"], config["wandb_project"])
+        given = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
         unused = (LearningRateMonitor,) if config["trainer"].get("logger") is False else ()  # nothing to log to
-        unused += (StepProgressBar,) if config["trainer"].get("enable_progress_bar") is False else ()
+        unused += (StepProgressBar,) if own_bar or config["trainer"].get("enable_progress_bar") is False else ()
         defaults = self.trainer_defaults
         defaults["callbacks"] = [c for c in defaults["callbacks"] if not isinstance(c, unused)]
         return super().instantiate_trainer(**kwargs)
@@ -96,6 +98,8 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     # peft's LoRA wrapper asks transformers 5 for `is_gradient_checkpointing`, which transformers 5 deprecates
     warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+    # LightningCLI calls jsonargparse APIs that jsonargparse 4.49 deprecates (shown only when -W asks for them)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,14 +131,14 @@ def test_bad_reward_stops_run_with_its_name(tmp_path):
     m = module()
     m.reward_funcs = [broken]
     with pytest.raises(Exception, match="'broken' returned 1 rewards for 8 completions"):
-        fit(tmp_path, m, steps=1)
+        fit(tmp_path / "stopping", m, steps=1)
 
     def raises(prompts, completions, **columns):
         raise RuntimeError("judge offline")
 
     m = module(drop_bad_rewards=True)
     m.reward_funcs = [raises]
-    _, log = fit(tmp_path, m, steps=1)
+    _, log = fit(tmp_path / "dropping", m, steps=1)
     assert log.steps[0]["grpo/dropped"] == 8.0 and log.steps[0]["loss/grpo"] == 0.0
 
 
