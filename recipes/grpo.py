@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
+from recipes.parts.chunked_head import chunked_token_logprobs, last_hidden_state, split_lm
 from recipes.parts.grpo_loss import (
     AGGREGATIONS,
     SCALES,
@@ -65,6 +66,11 @@ class GRPOModule(L.LightningModule):
             of stopping the run.
         max_grad_norm: gradient clipping (manual optimization: ``trainer.gradient_clip_val`` must stay unset).
         val_max_new_tokens: greedy answer budget in validation (``val/accuracy``).
+        logprob_chunk_size: completion positions projected through the output head at a time when computing
+            log-probs and entropies (fp32 full-vocabulary logits exist for one chunk only, in forward and
+            backward; see ``recipes.parts.chunked_head``); ``None`` projects all positions of a pass at once.
+        logprob_batch_size: completions per forward of the no-grad old-policy and reference log-prob passes;
+            ``None`` uses the update mini-batch size (completions / ``num_mini_batches``).
     """
 
     def __init__(
@@ -92,6 +98,8 @@ class GRPOModule(L.LightningModule):
         drop_bad_rewards: bool = False,
         max_grad_norm: float | None = 1.0,
         val_max_new_tokens: int | None = None,
+        logprob_chunk_size: int | None = 512,
+        logprob_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_generations < 2:
@@ -104,6 +112,9 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got {loss_aggregation!r}")
         if not (temperature > 0 and 0 < top_p <= 1):
             raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        for name, value in (("logprob_chunk_size", logprob_chunk_size), ("logprob_batch_size", logprob_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value}")
         if sum(x is not None for x in (model_path, model_config)) > 1:
             raise ValueError("Give at most one of model_path and model_config")
         self.save_hyperparameters(ignore=["optimizer", "reward_funcs"])
@@ -229,6 +240,39 @@ class GRPOModule(L.LightningModule):
                        logits_to_keep=t + 1).logits
         return logits[:, :-1]
 
+    def completion_logprobs(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                            completion: torch.Tensor, cmask: torch.Tensor, entropy: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(completion token | prefix) [N, T] at the sampling temperature, and (detached) entropies.
+
+        With ``logprob_chunk_size`` the decoder runs once and the head projects that many positions at a time.
+        """
+        hp = self.hparams
+        if hp.logprob_chunk_size is None:
+            logits = self.policy_logits(model, prompt_ids, prompt_mask, completion, cmask)
+            ent = None
+            if entropy:
+                with torch.no_grad():
+                    ent = token_entropy(logits, hp.temperature)
+            return token_logprobs(logits, completion, hp.temperature), ent
+        mask = torch.cat([prompt_mask, cmask], 1)
+        hidden = last_hidden_state(model, input_ids=torch.cat([prompt_ids, completion], 1), attention_mask=mask,
+                                   position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        t = completion.shape[1]
+        return chunked_token_logprobs(hidden[:, -t - 1:-1], split_lm(model)[1], completion, hp.temperature,
+                                      hp.logprob_chunk_size, entropy)
+
+    @torch.no_grad()
+    def rollout_logprobs(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                         completion: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
+        """Log-probs of a whole rollout batch under ``model`` (old policy or reference), ``logprob_batch_size``
+        completions per forward."""
+        n = completion.shape[0]
+        size = self.hparams.logprob_batch_size or -(-n // self.hparams.num_mini_batches)
+        return torch.cat([self.completion_logprobs(model, prompt_ids[i:i + size], prompt_mask[i:i + size],
+                                                   completion[i:i + size], cmask[i:i + size])[0]
+                          for i in range(0, n, size)])
+
     def _rewards(self, prompts: list[str], texts: list[str], columns: dict[str, list]):
         drop = self.hparams.drop_bad_rewards
         verifier_rewards, valid = compute_rewards(self._verifier or self.trainer.datamodule.reward_fn(), prompts,
@@ -277,13 +321,10 @@ class GRPOModule(L.LightningModule):
 
         single = self.updates_per_rollout == 1
         old_logp = ref_logp = None
-        with torch.no_grad():
-            if not single:  # with one update the old policy is the current one: reuse the first forward (ratio 1)
-                old_logp = token_logprobs(self.policy_logits(self.model, prompt_ids, prompt_mask, completion, cmask),
-                                          completion, hp.temperature)
-            if self._reference:
-                ref_logp = token_logprobs(self.policy_logits(self._reference[0], prompt_ids, prompt_mask, completion,
-                                                             cmask), completion, hp.temperature)
+        if not single:  # with one update the old policy is the current one: reuse the first forward (ratio 1)
+            old_logp = self.rollout_logprobs(self.model, prompt_ids, prompt_mask, completion, cmask)
+        if self._reference:
+            ref_logp = self.rollout_logprobs(self._reference[0], prompt_ids, prompt_mask, completion, cmask)
 
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
@@ -293,8 +334,8 @@ class GRPOModule(L.LightningModule):
             order = torch.randperm(n, generator=generator) if hp.num_mini_batches > 1 else torch.arange(n)
             for idx in order.chunk(hp.num_mini_batches):
                 idx = idx.to(self.device)
-                logits = self.policy_logits(self.model, prompt_ids[idx], prompt_mask[idx], completion[idx], cmask[idx])
-                logp = token_logprobs(logits, completion[idx], hp.temperature)
+                logp, entropy = self.completion_logprobs(self.model, prompt_ids[idx], prompt_mask[idx], completion[idx],
+                                                         cmask[idx], entropy=True)
                 if single:  # one update per rollout: idx is every completion in order, and old == current
                     old_logp = logp.detach()
                 old = old_logp[idx]
@@ -321,7 +362,7 @@ class GRPOModule(L.LightningModule):
                     mf = m.float()
                     _add(stats, "grpo/clip_fraction", (clipped.float() * mf).sum() / mf.sum().clamp(min=1))
                     _add(stats, "grpo/ratio", (torch.exp(logp - old) * mf).sum() / mf.sum().clamp(min=1))
-                    _add(stats, "grpo/entropy", (token_entropy(logits, hp.temperature) * mf).sum() / mf.sum().clamp(1))
+                    _add(stats, "grpo/entropy", (entropy * mf).sum() / mf.sum().clamp(min=1))
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 if hp.max_grad_norm is not None:
