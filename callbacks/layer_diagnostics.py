@@ -97,7 +97,9 @@ class LayerDiagnostics(Callback):
         self._blocks = parts.blocks
         self._groups = parameter_groups(parts.blocks)
         n = len(parts.blocks)
-        self._ran, self._trained, self._ran_now = [0] * n, [0] * n, [False] * n
+        self._ran_now = [False] * n
+        if self._ran is None:  # else restored from a checkpoint
+            self._ran, self._trained = [0] * n, [0] * n
         if self.logit_lens:
             self._lens = _logit_lens(pl_module, parts)
         for index, block in enumerate(parts.blocks):

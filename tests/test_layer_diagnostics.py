@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import transformers
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -228,7 +229,8 @@ def test_skipped_blocks_are_counted_with_layer_drop(tmp_path):
         L.seed_everything(0, verbose=False)
         module, log = TinyLM(layers=4), Recorder()
         diag = LayerDiagnostics(interval=4) if diagnostics else None
-        callbacks = [ProgressiveLayerDrop(theta_bar=0.2, gamma=10.0, keep_first=True, seed=3)] + ([diag] if diag else [])
+        pld = ProgressiveLayerDrop(theta_bar=0.2, gamma=10.0, keep_first=True, seed=3)
+        callbacks = [pld] + ([diag] if diag else [])
         tr = trainer(callbacks, 8, tmp_path)
         tr._loggers = [log]  # noqa: SLF001
         tr.fit(module, token_loader(batches=8))
@@ -270,3 +272,52 @@ def test_heatmaps_go_to_wandb_as_uint8_and_marks_are_drawn(tmp_path):
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     unmarked = draw_heatmap(diag.history["block_influence"], diag.steps, "layers/block_influence")
     assert unmarked.shape == image.shape and not np.array_equal(unmarked, image)  # the trained dots
+
+
+def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
+    def run(ckpt=None):
+        L.seed_everything(0, verbose=False)
+        module, log = TinyLM(layers=3), Recorder()
+        diag = LayerDiagnostics(interval=2, logit_lens=True)
+        saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+        tr = trainer([LISA(n_layers=1, interval=2, seed=2), diag, saver], 8, tmp_path, enable_checkpointing=True)
+        tr._loggers = [log]  # noqa: SLF001
+        tr.fit(module, token_loader(batches=1), ckpt_path=ckpt)
+        return diag, log
+
+    full, full_log = run()
+    resumed, resumed_log = run(next(tmp_path.glob("*step=3.ckpt")))  # between two measurements
+    assert resumed.steps == full.steps == [0, 2, 4, 6, 8]
+    for metric, rows in full.history.items():
+        assert np.array_equal(np.array(resumed.history[metric]), np.array(rows), equal_nan=True), metric
+    assert [r for r in resumed_log.rows if r[0] >= 4] == [r for r in full_log.rows if r[0] >= 4]
+
+
+def test_lisa_importance_sampling_draws_by_block_influence(tmp_path):
+    module = ToyNet()
+    lisa = LISA(n_layers=1, interval=1, sampling="importance", importance_metric="block_influence",
+                importance_batches=2)
+    drawn = []
+
+    class Active(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            drawn.append(lisa.active[0])
+
+    trainer([lisa, Active()], 6, tmp_path).fit(module, token_loader(batches=6))
+    ids = token_loader(batches=6).dataset.tensors[0][:8]  # the first two batches of 4
+    with torch.no_grad():
+        h2 = module.blocks[1](module.blocks[0](module.embed(ids)))
+        bi = block_influence(h2, module.blocks[2](h2))
+    assert lisa.importance[:2] == pytest.approx([0.0, 0.0], abs=1e-6)  # identity and doubling blocks
+    assert lisa.importance[2] == pytest.approx(bi, rel=1e-5)
+    assert drawn == [2] * 6  # the only block that turns the residual stream
+    assert lisa.state_dict()["importance"] == lisa.importance
+
+
+def test_lisa_importance_argument_checks():
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        LISA(sampling="greedy")
+    with pytest.raises(ValueError, match="importance_metric"):
+        LISA(sampling="importance", importance_metric="grad")
+    with pytest.raises(ValueError, match="leave weights unset"):
+        LISA(sampling="importance", weights=[1.0, 2.0])
