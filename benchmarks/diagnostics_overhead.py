@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, diagnostics: bool, root: Path) -> tuple[float,
     draw_seconds = 0.0
     if diag is not None:
         draw_start = time.perf_counter()
-        diag.draw(trainer)
+        diag.draw(trainer, root / "layer_diagnostics")
         draw_seconds = time.perf_counter() - draw_start
     return seconds, diag, draw_seconds
 

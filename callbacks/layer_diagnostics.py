@@ -164,7 +164,8 @@ class LayerDiagnostics(Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.heatmaps and self.steps:
-            self.draw(trainer)
+            folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call under DDP
+            self.draw(trainer, folder / "layer_diagnostics")
 
     # ----------------------------------------------------------------------------------------- measurement
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, grad: list[float] | None,
@@ -226,9 +227,9 @@ class LayerDiagnostics(Callback):
 
     # ----------------------------------------------------------------------------------------------- drawing
     @rank_zero_only
-    def draw(self, trainer: L.Trainer) -> dict[str, Path]:
-        """Draw one heatmap per metric into the run folder and send it to W&B / TensorBoard."""
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "layer_diagnostics"
+    def draw(self, trainer: L.Trainer, folder: str | Path) -> dict[str, Path]:
+        """Draw one heatmap per metric into ``folder`` (PNG) and send it to W&B / TensorBoard."""
+        folder = Path(folder)
         paths = {}
         for metric, rows in self.history.items():
             marks = {} if metric in ("trained", "ran") else {"trained": self.history.get("trained"),

@@ -262,9 +262,7 @@ def test_heatmaps_go_to_wandb_as_uint8_and_marks_are_drawn(tmp_path):
     diag.history = {"block_influence": [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]],
                     "trained": [[math.nan, math.nan], [1.0, 0.0], [0.0, 1.0]], "ran": [[math.nan] * 2, [1, 1], [1, 1]]}
     wandb = FakeWandb()
-    fake_trainer = SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path), loggers=[wandb],
-                                   global_step=10)
-    paths = diag.draw(fake_trainer)
+    paths = diag.draw(SimpleNamespace(loggers=[wandb], global_step=10), tmp_path)
     assert set(paths) == {"block_influence", "trained", "ran"} and all(p.exists() for p in paths.values())
     keys = [k for k, _, _ in wandb.images]
     assert keys == ["layers/block_influence_heatmap", "layers/trained_heatmap", "layers/ran_heatmap"]
