@@ -61,10 +61,14 @@ def model_args(cfg: dict) -> list[str]:
 
 def fit(config: str, args: list[str], root: Path, name: str, seed: int) -> str:
     """Run ``python -m recipes fit --config <config> <args>`` in process; returns the last checkpoint's path."""
-    sys.argv = sys.argv[:1]  # the recipe's arguments are all in args
-    cli = RecipesCLI(args=["fit", "--config", str(CONFIG_DIR / config), f"--seed_everything={seed}", "--wandb=disabled",
-                           f"--run_name={name}", f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu",
-                           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *args])
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the recipe's arguments are all in args
+    try:
+        cli = RecipesCLI(args=["fit", "--config", str(CONFIG_DIR / config), f"--seed_everything={seed}",
+                               "--wandb=disabled", f"--run_name={name}", f"--trainer.default_root_dir={root}",
+                               "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+                               "--trainer.enable_model_summary=false", *args])
+    finally:
+        sys.argv = argv
     return cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
 
 
@@ -105,9 +109,10 @@ def run_seed(seed: int, cfg: dict, work: Path) -> list[dict]:
     for name, model in models.items():
         row = {"benchmark": "restoration_sweep", "seed": seed, "model": name,
                **{k: round(v, 4) for k, v in evaluate(model, tokenizer, cfg, data["val"], seed).items()}}
+        if name in ("sft", "grpo"):
+            row["train_seconds"] = round(sft_seconds if name == "sft" else grpo_seconds, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    rows[0]["train_seconds"] = {"sft": round(sft_seconds, 1), "grpo": round(grpo_seconds, 1)}
     return rows
 
 
