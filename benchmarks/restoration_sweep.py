@@ -10,10 +10,11 @@ Per seed, the documented command sequence (docs/layer_restoration.md) runs in on
 4. every contiguous range of blocks restored from the SFT weights into the GRPO model (``restore_blocks``);
 5. the diversity evaluation (``evaluate_crc`` / ``evaluate_prompts``) of SFT, GRPO and each restored model.
 
-Prints one JSON line per (seed, model) and a summary line (mean and std over seeds per model), appends them to
-``benchmarks/results/restoration_sweep.jsonl`` and draws ``benchmarks/results/restoration_sweep.png``.
+Prints one JSON line per (seed, model) and, last, a summary line (mean and std over seeds per model); writes the
+per-seed rows to ``benchmarks/results/restoration_sweep_rows.json`` and draws
+``benchmarks/results/restoration_sweep.png``. ``benchmarks/results.py run`` records the summary line.
 
-    flock /work/heavy.lock python benchmarks/restoration_sweep.py            # 3 seeds
+    flock /work/heavy.lock python benchmarks/results.py run restoration_sweep   # 3 seeds
     python benchmarks/restoration_sweep.py --quick                            # seconds-scale smoke run
 """
 
@@ -116,20 +117,32 @@ def run_seed(seed: int, cfg: dict, work: Path) -> list[dict]:
     return rows
 
 
-def summarize(rows: list[dict], cfg: dict, seconds: float) -> dict:
+SHOWN = {"crc/validity": "validity", "crc/valid_distinct": "valid_distinct", "crc/entropy": "entropy",
+         "task/reward": "task_reward", "task/unique": "task_unique"}
+
+
+def mean_std(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per model and metric: mean and sample std over seeds."""
     table = {}
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         table[name] = {}
         for m in METRICS:
             values = [r[m] for r in mine]
-            table[name][m] = round(statistics.fmean(values), 4)
-            table[name][m + "_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
-    return {"benchmark": "restoration_sweep", "summary": True, "seeds": sorted({r["seed"] for r in rows}),
-            "settings": cfg, "seconds": round(seconds, 1), "table": table}
+            table[name][m] = statistics.fmean(values)
+            table[name][m + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return table
 
 
-def plot(summary: dict, path: Path) -> None:
+def summarize(table: dict, seeds: list[int], cfg: dict, seconds: float) -> dict:
+    """The benchmark's last JSON line: one compact ``mean±std`` string per model (RESULTS.md shows one row each)."""
+    models = {name: ", ".join(f"{label} {row[m]:.3f}±{row[m + '_std']:.3f}" for m, label in SHOWN.items())
+              for name, row in table.items()}
+    return {"benchmark": "restoration_sweep", "seeds": seeds, "seconds": round(seconds, 1),
+            "settings": ", ".join(f"{k} {v}" for k, v in cfg.items()), "models": models}
+
+
+def plot(table: dict, seeds: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +153,7 @@ def plot(summary: dict, path: Path) -> None:
               ("task/unique", "task/reward", "tasks: unique completions / K", "tasks: sampled reward"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
     for ax, (x, y, xlabel, ylabel) in zip(axes, panels, strict=True):
-        for name, row in summary["table"].items():
+        for name, row in table.items():
             color = {"sft": "tab:green", "grpo": "tab:red"}.get(name, "tab:blue")
             ax.errorbar(row[x], row[y], xerr=row[x + "_std"], yerr=row[y + "_std"], fmt="o", color=color,
                         alpha=0.8, capsize=2)
@@ -148,7 +161,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Restoring blocks start:stop from SFT into GRPO (mean ± std, seeds {summary['seeds']})")
+    fig.suptitle(f"Restoring blocks start:stop from SFT into GRPO (mean ± std, seeds {seeds})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -158,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings, one seed, nothing saved by default")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
-    parser.add_argument("--out_dir", default=None, help=f"where the jsonl and png go (default {RESULTS}; quick: none)")
+    parser.add_argument("--out_dir", default=None,
+                        help="per-seed rows and plot (default benchmarks/results; quick: none)")
     args = parser.parse_args(argv)
     cfg = settings(args.quick)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -168,15 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             rows += run_seed(seed, cfg, Path(tmp))
-    summary = summarize(rows, cfg, time.perf_counter() - start)
+    table = mean_std(rows)
+    summary = summarize(table, seeds, cfg, time.perf_counter() - start)
     print(json.dumps(summary), flush=True)
     out_dir = Path(args.out_dir) if args.out_dir else (None if args.quick else RESULTS)
-    if out_dir is not None:
+    if out_dir is not None:  # the summary line is recorded by `python benchmarks/results.py run restoration_sweep`
         out_dir.mkdir(parents=True, exist_ok=True)
-        with (out_dir / "restoration_sweep.jsonl").open("a") as f:
-            for row in [*rows, summary]:
-                f.write(json.dumps(row) + "\n")
-        plot(summary, out_dir / "restoration_sweep.png")
+        (out_dir / "restoration_sweep_rows.json").write_text(json.dumps(rows, indent=0) + "\n")
+        plot(table, seeds, out_dir / "restoration_sweep.png")
     return summary
 
 
