@@ -37,6 +37,8 @@ def load_causal_lm(source: str, tokenizer: str | None = None, what: str = "--mod
     path = Path(source)
     if path.is_dir():
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        if tokenizer is None and not any(path.glob("tokenizer*")):
+            raise ValueError(f"{what}={source!r} holds no tokenizer files; pass --tokenizer (a folder or 'char')")
         return model, load_tokenizer(tokenizer or str(path))
     if not path.is_file():
         raise FileNotFoundError(f"{what}={source!r} does not exist; give a Hugging Face model folder or a "
