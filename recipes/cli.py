@@ -115,4 +115,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(argv[1:])
         return
+    if argv[:1] in (["restore"], ["diversity"]):  # Selective Layer Restoration and its diversity evaluation
+        import importlib
+        importlib.import_module(f"recipes.{argv[0]}").main(argv[1:])
+        return
     RecipesCLI(args=args)
