@@ -163,8 +163,22 @@ class VerifiableQADataModule(L.LightningDataModule):
         if files["sft"] is not None:
             self.datasets["sft"] = [encode_chat(self.tokenizer, messages, self.hparams.sft_max_length, where)
                                     for where, messages in read_instruction_file(files["sft"])]
+        self._check_batches(files)
         rank_zero_info(f"Verifiable QA data ({self.form} form): "
                        + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items()))
+
+    def _check_batches(self, files: dict) -> None:
+        """Incomplete rollout / warm-up batches are dropped, so fewer samples per device than a batch is no batch."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        hp = self.hparams
+        for split, size, name in (("train", hp.batch_size, "batch_size"), ("sft", hp.sft_batch_size, "sft_batch_size")):
+            have = len(self.datasets.get(split, ()))
+            if split in self.datasets and have // world < size:
+                raise DataError(f"{files[split]}: {have} {split} samples"
+                                + (f" over {world} devices" if world > 1 else "")
+                                + f" make no complete batch of data.{name}={size} (incomplete batches are dropped), "
+                                f"so training would get no batch; lower data.{name} to at most {have // world} or "
+                                "add data")
 
     def messages(self, question: str) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.hparams.system_prompt}] if self.hparams.system_prompt else []
