@@ -14,6 +14,7 @@ message.
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,49 @@ def check_resume(ckpt: dict[str, Any], path: str, model: dict[str, Any], data: d
         return []
     return ["Resuming with settings changed since the checkpoint (the values given now are used):\n  "
             + "\n  ".join(changeable)]
+
+
+def _plain(namespace: Any) -> dict[str, Any]:
+    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
+
+
+def plan(config: Any, subcommand: str, run_name: str) -> ResumePlan:
+    """Resolve the subcommand's ``ckpt_path`` in the parsed CLI ``config`` and apply the resume rule. Only ``fit``
+    continues in the checkpoint's version folder; ``validate``/``test`` evaluate in a folder of their own."""
+    root = config["trainer"].get("default_root_dir") or "runs"
+    result, ckpt = resolve(config.get("ckpt_path"), root, run_name)
+    if ckpt is not None:
+        data = _plain(config["data"]) if config.get("data") else None
+        result.notes += check_resume(ckpt, result.path, _plain(config["model"]), data)
+    if subcommand != "fit":
+        result.version = None
+    return result
+
+
+WEIGHT_SOURCES = ("model_path", "sft_checkpoint", "init_from")
+
+
+def untrained_note(config: Any) -> str | None:
+    """The warning for ``validate``/``test`` of a model whose weights come from nowhere (no ``--ckpt_path``, no
+    pretrained ``model_path`` / ``sft_checkpoint`` / ``init_from``), else ``None``."""
+    if config.get("ckpt_path"):
+        return None
+    init_args = config["model"].get("init_args") or {}
+    if any(init_args.get(key) for key in WEIGHT_SOURCES):
+        return None
+    return ("UNTRAINED MODEL: no --ckpt_path and no pretrained weights (model_path / sft_checkpoint / init_from), "
+            "so these metrics are of a randomly initialised model. The run folder is marked '-untrained'. Pass "
+            "--ckpt_path PATH (or last) to evaluate a trained model.")
+
+
+def resume_command(argv: list[str], ckpt_path: str, executable: str = "python") -> str:
+    """The command line that resumes ``argv`` (the arguments after ``python -m recipes``) from ``ckpt_path``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            out.append(arg)
+    return shlex.join([executable, "-m", "recipes", *out, "--ckpt_path", ckpt_path])
