@@ -68,6 +68,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _os_errno(err: BaseException | None) -> int | None:
+    """The errno of ``err`` or of the OSError it was raised from (torch's zip writer wraps a full disk in a
+    RuntimeError)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err.errno
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` that either replaces ``path`` with the complete new file or leaves it untouched."""
     target = Path(path)
@@ -82,10 +93,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.replace(temp, target)
     except BaseException as err:
         temp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        if _os_errno(err) in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(errno.ENOSPC, f"No space left on device while writing checkpoint {target}; the previous "
                                         "file (if any) is intact. Free space or move the run folder") from err
-        if isinstance(err, OSError) and err.errno == errno.EXDEV:
+        if _os_errno(err) == errno.EXDEV:
             raise OSError(errno.EXDEV, f"Could not rename the checkpoint into {target} (cross-device rename); the "
                                        "previous file (if any) is intact") from err
         raise
