@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from time import monotonic
 from typing import Any
 
 import lightning as L
@@ -37,7 +37,7 @@ class PeriodicLastCheckpoint(Callback):
         self.every_n_seconds = (every_n_minutes or 0) * 60.0
         self.every_n_steps = every_n_steps or 0
         self.filename = filename
-        self._last_time = time.monotonic()
+        self._last_time = monotonic()
         self._last_step = 0
         self.last_path: str | None = None
 
@@ -47,7 +47,7 @@ class PeriodicLastCheckpoint(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_time, self._last_step = time.monotonic(), trainer.global_step
+        self._last_time, self._last_step = monotonic(), trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -56,7 +56,7 @@ class PeriodicLastCheckpoint(Callback):
             return
         due = self.every_n_steps > 0 and trainer.global_step - self._last_step >= self.every_n_steps
         if not due and self.every_n_seconds > 0:
-            late = trainer.is_global_zero and time.monotonic() - self._last_time >= self.every_n_seconds
+            late = trainer.is_global_zero and monotonic() - self._last_time >= self.every_n_seconds
             due = trainer.strategy.reduce_boolean_decision(late, all=False) if trainer.world_size > 1 else late
         if due:
             self.save(trainer)
@@ -65,5 +65,5 @@ class PeriodicLastCheckpoint(Callback):
         """Write ``last.ckpt`` now (every rank must call this); returns its path."""
         path = str(checkpoint_dir(trainer) / self.filename)
         trainer.save_checkpoint(path)
-        self._last_time, self._last_step, self.last_path = time.monotonic(), trainer.global_step, path
+        self._last_time, self._last_step, self.last_path = monotonic(), trainer.global_step, path
         return path
