@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from callbacks.core.policy_tokens import PolicyTokens
+from callbacks.finite_loss import NonFiniteLossError
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
 from recipes.parts import answer_span
@@ -188,6 +189,10 @@ class GRPOModule(L.LightningModule):
     def _sft_warmup(self) -> None:
         """Supervised warm-up on the data module's ``sft`` split: response-token cross-entropy, AdamW, fixed LR."""
         loader = self.trainer.datamodule.sft_dataloader()
+        if len(loader) == 0:
+            raise ValueError(f"the SFT warm-up data gives no batch ({len(loader.dataset)} samples, batch size "
+                             f"{loader.batch_size}, incomplete batches dropped); lower data.sft_batch_size or set "
+                             "model.sft_steps: 0")
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.sft_lr, betas=(0.9, 0.98))
         self.model.train()
         step, losses = 0, []
@@ -196,6 +201,12 @@ class GRPOModule(L.LightningModule):
                 batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   labels=batch["labels"], use_cache=False).loss
+                if not torch.isfinite(loss):
+                    last = f"{losses[-1]:.6g}" if losses else "none yet"
+                    raise NonFiniteLossError(
+                        f"SFT warm-up loss is {loss.item()} at warm-up step {step + 1}/{self.hparams.sft_steps} "
+                        f"(last finite loss {last}); no checkpoint was written. Lower model.sft_lr or check the "
+                        "sft data")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 optimizer.step()
