@@ -89,6 +89,10 @@ class TinyModule(L.LightningModule):
             enable_activation_checkpointing(self.model, use_reentrant=checkpointing == "reentrant")
         self.lr, self.optimizer_cls, self.optimizer_kwargs = lr, optimizer_cls, optimizer_kwargs
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of token ids (or of images for the ViT)."""
+        return self.model(x) if self.arch == "vit" else self.model(input_ids=x, use_cache=False).logits
+
     def training_step(self, batch, batch_idx):
         loss = model_loss(self.model, self.arch, batch)
         self.log("train/loss", loss)
