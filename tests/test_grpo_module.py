@@ -8,7 +8,6 @@ from callbacks.llds import LLDS
 from datamodules.chat_encoding import pad
 from datamodules.verifiable_qa import VerifiableQADataModule
 from recipes.grpo import GRPOModule
-from recipes.parts.grpo_loss import token_logprobs
 from tests.conftest import TINY_LM_CONFIG as TINY
 
 
@@ -50,8 +49,7 @@ class OldPolicyCheck(GRPOModule):
 
     def mini_batch_loss(self, rollout, idx, stats):
         with torch.no_grad():  # before this mini-batch's update: the weights that sampled the rollout (mu = 1)
-            sampler = token_logprobs(self._logits(self.model, rollout, idx), rollout.completion[idx],
-                                     self.hparams.temperature)
+            sampler, _ = self.completion_logprobs(self.model, *rollout.inputs(idx))
         loss = super().mini_batch_loss(rollout, idx, stats)
         self.old_vs_sampler.append((rollout.old_logp[idx], sampler))
         return loss
