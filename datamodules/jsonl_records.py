@@ -10,23 +10,34 @@ class DataError(ValueError):
     """Bad input data; the message names the file and line (or row) and what was expected."""
 
 
+def read_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); other bytes are a ``DataError`` naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); save the "
+                        "file as UTF-8") from err
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """All ``(line_number, record)`` pairs of a JSONL file; blank lines are allowed, anything else must parse."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist")
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            rows.append((lineno, record))
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        rows.append((lineno, record))
     if not rows:
         raise DataError(f"{path}: the file has no records (empty split)")
     return rows

@@ -20,11 +20,12 @@ from datamodules.xray_transforms import RAND_AUGMENT, build_xray_transform, imag
 
 @dataclass
 class XrayRecord:
-    """One image: its file, its label vector (1 / 0, or -1 = ignored) and its patient."""
+    """One image: its file, its label vector (1 / 0, or -1 = ignored), its patient and where it was listed."""
 
     path: Path
     labels: list[float]
     patient: str
+    where: str = ""
 
 
 class XrayDataset(Dataset):
@@ -77,6 +78,36 @@ def check_images(records: list[XrayRecord], bad: BadInput, verify: bool) -> list
             kind = "missing_image" if problem == "missing" else "unreadable_image"
             bad(kind, f"Image file {record.path} is {problem}")
     return kept
+
+
+def remove_leaks(train: list[XrayRecord], test: list[XrayRecord], bad: BadInput) -> list[XrayRecord]:
+    """``train`` without test leakage: an image in both lists, or an image of a patient who has test images, is a
+    ``DataError`` naming both places; with ``skip_bad`` those training entries are dropped and counted."""
+    test_images = {r.path: r for r in test}
+    test_patients: dict[str, XrayRecord] = {}
+    for record in test:
+        test_patients.setdefault(record.patient, record)
+    kept = []
+    for record in train:
+        if record.path in test_images:
+            bad("leak_image", f"{record.where}: image {record.path.name} is also in the test split "
+                              f"({test_images[record.path].where}); an image must be in one split only")
+        elif record.patient in test_patients:
+            bad("leak_patient", f"{record.where}: image {record.path.name} belongs to patient {record.patient!r}, "
+                                f"who has test images too (e.g. {test_patients[record.patient].where}); a "
+                                "patient's images must all be on one side")
+        else:
+            kept.append(record)
+    return kept
+
+
+def label_coverage(records: list[XrayRecord], names: list[str]) -> dict[str, tuple[int, int, int]]:
+    """``label -> (positives, negatives, ignored)`` over ``records``."""
+    out = {}
+    for k, name in enumerate(names):
+        values = [r.labels[k] for r in records]
+        out[name] = (values.count(1.0), values.count(0.0), values.count(-1.0))
+    return out
 
 
 def patient_split(records: list[XrayRecord], val_fraction: float,
@@ -139,4 +170,5 @@ class XrayDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-__all__ = ["RAND_AUGMENT", "BadInput", "XrayDataModule", "XrayDataset", "XrayRecord", "check_images", "patient_split"]
+__all__ = ["RAND_AUGMENT", "BadInput", "XrayDataModule", "XrayDataset", "XrayRecord", "check_images", "label_coverage",
+           "patient_split", "remove_leaks"]
