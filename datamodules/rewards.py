@@ -1,8 +1,8 @@
 """Verifiable rewards: GSM8K numeric match, normalized QA exact match, and the guard that calls any reward function.
 
-A reward function is a plain callable ``fn(prompts, completions, **columns) -> list[float]`` (the convention of
-TRL's ``reward_funcs``): ``columns`` are the data module's per-prompt reference columns (``answer`` for GSM8K form,
-``answers`` for QA form), repeated for every completion.
+A reward function is a plain callable ``fn(prompts, completions, **columns) -> list[float]``: ``columns`` are the
+data module's per-prompt reference columns (``answer`` for GSM8K form, ``answers`` for QA form), repeated for every
+completion.
 """
 
 from __future__ import annotations
