@@ -100,7 +100,7 @@ class InstructionDataModule(L.LightningDataModule):
         for where, messages in records:
             example = encode_chat(self.tokenizer, messages, self.hparams.max_length, where)
             if with_answers:
-                example["prompt_ids"] = encode_prompt(self.tokenizer, messages)
+                example["prompt_ids"] = encode_prompt(self.tokenizer, messages, where)
                 example["answer"] = messages[-1]["content"]
             out.append(example)
         return out

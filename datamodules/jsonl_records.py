@@ -43,10 +43,20 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def field_text(value) -> str | None:
+    """A text field's value: a string as is, a number (``0`` included) as its JSON text, anything else ``None``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return json.dumps(value)
+    return None
+
+
 def _require_str(record: dict, key: str, where: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    value = field_text(record.get(key))
+    if value is None:
+        raise DataError(f"{where}: field {key!r} must be a string (or a number), got "
+                        f"{type(record.get(key)).__name__}")
     return value
 
 
@@ -54,7 +64,8 @@ def record_to_messages(record: dict, where: str) -> list[dict[str, str]]:
     """Normalize one record to chat messages ending with the assistant's response.
 
     Accepted forms: chat (``messages`` with ``role``/``content``), Alpaca (``instruction``, optional ``input``,
-    ``output``) and GSM8K (``question``, ``answer``).
+    ``output``) and GSM8K (``question``, ``answer``). A number in a text field is kept as its text (``"input": 0``
+    gives the line ``0``); only an absent, ``null`` or empty ``input`` adds nothing.
     """
     if "messages" in record:
         messages = record["messages"]
@@ -70,9 +81,7 @@ def record_to_messages(record: dict, where: str) -> list[dict[str, str]]:
         return [{"role": m["role"], "content": _require_str(m, "content", where)} for m in messages]
     if "instruction" in record:
         prompt = _require_str(record, "instruction", where)
-        extra = record.get("input") or ""
-        if not isinstance(extra, str):
-            raise DataError(f"{where}: field 'input' must be a string")
+        extra = "" if record.get("input") is None else _require_str(record, "input", where)
         if extra:
             prompt = f"{prompt}\n{extra}"
         return [{"role": "user", "content": prompt},
