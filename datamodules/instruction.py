@@ -57,6 +57,9 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got batch_size={batch_size}, "
+                             f"num_workers={num_workers}")
         unknown = set(synthetic_tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"Unknown synthetic_tasks {sorted(unknown)}; expected a subset of {TASKS}")

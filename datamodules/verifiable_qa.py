@@ -131,6 +131,12 @@ class VerifiableQADataModule(L.LightningDataModule):
             raise ValueError(f"reward must be 'auto' or one of {sorted(BUILTIN_REWARDS)}, got {reward!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        sizes = {"batch_size": batch_size, "val_batch_size": val_batch_size, "sft_batch_size": sft_batch_size,
+                 "max_prompt_length": max_prompt_length, "sft_max_length": sft_max_length}
+        small = {k: v for k, v in sizes.items() if v < 1}
+        if small or num_workers < 0:
+            raise ValueError(f"{small or {'num_workers': num_workers}}: expected batch sizes and lengths >= 1 and "
+                             "num_workers >= 0")
         unknown = set(synthetic_tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"Unknown synthetic_tasks {sorted(unknown)}; expected a subset of {TASKS}")

@@ -134,8 +134,9 @@ class XrayDataModule(L.LightningDataModule):
         super().__init__()
         if mode not in ("pretrain", "finetune"):
             raise ValueError(f"mode must be 'pretrain' (MAE crops) or 'finetune' (RandAugment), got {mode!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be positive and num_workers >= 0, got batch_size={batch_size}, "
+                             f"num_workers={num_workers}")
         self.batch_size = batch_size
         self.label_names: list[str] = []
         self.splits: dict[str, list[XrayRecord]] = {}
