@@ -101,7 +101,7 @@ def test_owlore_names_blocks_without_linear_layers(tmp_path):
         trainer([OwLore(n_layers=1, galore=False)], 1, tmp_path).fit(TinyGPT2(), token_loader(batches=1))
 
 
-def _fit(tmp_path, module, data):
+def fit_one_step(tmp_path, module, data):
     L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(module, datamodule=data)
 
@@ -111,13 +111,13 @@ def test_max_length_beyond_the_models_positions(tmp_path):
                                  max_length=128)
     with pytest.raises(ValueError, match=r"data.max_length = 128: longer than the model's "
                                          r"max_position_embeddings=64 token positions; expected at most 64"):
-        _fit(tmp_path, CausalLMModule(model_config=TINY, exact_match_batches=0), data)
+        fit_one_step(tmp_path, CausalLMModule(model_config=TINY, exact_match_batches=0), data)
     gpt2 = {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 24}
     data = VerifiableQADataModule(synthetic_dir=str(tmp_path / "syn"), synthetic_sft_size=8, synthetic_train_size=8,
-                                  synthetic_val_size=4, batch_size=2)
+                                  synthetic_val_size=4, batch_size=2, sft_batch_size=4)
     with pytest.raises(ValueError, match=r"longest prompt \(\d+\) \+ max_new_tokens \(16\) = \d+: longer than the "
                                          r"model's max_position_embeddings=24"):
-        _fit(tmp_path, GRPOModule(model_config=gpt2, num_generations=2, max_new_tokens=16), data)
+        fit_one_step(tmp_path, GRPOModule(model_config=gpt2, num_generations=2, max_new_tokens=16), data)
 
 
 def test_data_module_sizes_are_checked():

@@ -1,4 +1,4 @@
-"""A GRPO rollout batch as one named structure (the answer-token mask comes from ``recipes.parts.answer_span``)."""
+"""A GRPO rollout batch as one named structure."""
 
 from __future__ import annotations
 
@@ -31,3 +31,7 @@ class Rollout:
     @property
     def n(self) -> int:
         return self.completion.shape[0]
+
+    def inputs(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, ...]:
+        """``(prompt_ids, prompt_mask, completion, cmask)`` of the completions ``idx``."""
+        return self.prompt_ids[idx], self.prompt_mask[idx], self.completion[idx], self.cmask[idx]
