@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -88,6 +89,18 @@ class RecipesCLI(LightningCLI):
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
 
+    def instantiate_classes(self) -> None:
+        """Build the configured classes; a class's own argument error comes out as itself (its type and message
+        last on the screen), not wrapped in jsonargparse's dump of every type the value was tried against."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = argument_error(err)
+            if cause is err:
+                raise
+            print(f"Error in the run's configuration: {type(cause).__name__}: {cause}\n", file=sys.stderr)
+            raise cause from None
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config["trainer"].get("default_root_dir") or "runs"
@@ -120,6 +133,17 @@ class RecipesCLI(LightningCLI):
             return config["run_name"]
         paths = config.get("config") or []
         return Path(str(paths[-1])).stem if paths else "run"
+
+
+def argument_error(err: BaseException) -> BaseException:
+    """The first exception in ``err``'s chain of causes that was raised outside jsonargparse (by a class)."""
+    current: BaseException | None = err
+    while current is not None:
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and "jsonargparse" not in Path(frames[-1].filename).parts:
+            return current
+        current = current.__cause__
+    return err
 
 
 def recipe_summaries() -> dict[str, str]:
