@@ -22,6 +22,9 @@ class FiniteLossGuard(Callback):
     runs checkpoint callbacks last), so the last good checkpoint is never replaced by one with broken weights.
     Works for automatic optimization (the step's returned loss) and manual optimization (the logged
     ``train/loss``).
+
+    Cost: one device-to-host read of the scalar loss per step (the check needs its value before the checkpoint
+    callbacks run). The other ``train/*`` metrics are kept as tensor references and read only for the error message.
     """
 
     def __init__(self, metric: str = "train/loss") -> None:
@@ -37,7 +40,7 @@ class FiniteLossGuard(Callback):
             loss = trainer.callback_metrics.get(self.metric)
         if loss is None:
             return
-        value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)  # the one host read per step
         if not math.isfinite(value):
             last = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(self.last_finite.items())) or "none logged yet"
             raise NonFiniteLossError(
@@ -45,7 +48,7 @@ class FiniteLossGuard(Callback):
                 f"batch {batch_idx}). Last finite metrics (step {self.last_finite_step}): {last}. "
                 "Checkpoints written before this step are intact; lower the learning rate or check the data."
             )
-        # keep references only (no per-step host syncs); converted to numbers when an error is reported
+        # references only: converted to numbers when an error is reported
         self.last_finite = {k: v for k, v in trainer.callback_metrics.items()
                             if k.startswith("train/") and v.numel() == 1}
         self.last_finite_step = trainer.global_step

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.exact_resume import ExactResume
 from callbacks.finite_loss import FiniteLossGuard
+from callbacks.progress import StepProgressBar
 from callbacks.run_info import RunInfoLogger
 from recipes.parts.loggers import check_log_dir, default_loggers
 
@@ -31,8 +34,9 @@ class RecipesCLI(LightningCLI):
     """LightningCLI in subclass mode, with the collection's loggers unless the config names its own.
 
     Every run also gets :class:`RunInfoLogger` (seed and library versions), :class:`FiniteLossGuard` (stop at the
-    first NaN/inf loss) and :class:`ExactResume` (global random states restored on resume; the data modules'
-    resumable sampler restores the batch position), and its log directory is checked for write access and free
+    first NaN/inf loss), :class:`ExactResume` (global random states restored on resume; the data modules'
+    resumable sampler restores the batch position), Lightning's ``LearningRateMonitor`` (``optim/lr/<group>``
+    every logged step) and :class:`StepProgressBar`, and its log directory is checked for write access and free
     space before training.
     """
 
@@ -42,7 +46,9 @@ class RecipesCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 42)
         # a misspelled option must be an error, not silently read as an abbreviation of a longer one
         kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})  # subcommand parsers inherit it
-        kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume()]})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
+                                                             LearningRateMonitor(logging_interval="step"),
+                                                             StepProgressBar()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -61,6 +67,10 @@ class RecipesCLI(LightningCLI):
         check_log_dir(root, config["min_free_mb"])
         if config["trainer"].get("logger") in (None, True):
             kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"], config["wandb_project"])
+        unused = (LearningRateMonitor,) if config["trainer"].get("logger") is False else ()  # nothing to log to
+        unused += (StepProgressBar,) if config["trainer"].get("enable_progress_bar") is False else ()
+        defaults = self.trainer_defaults
+        defaults["callbacks"] = [c for c in defaults["callbacks"] if not isinstance(c, unused)]
         return super().instantiate_trainer(**kwargs)
 
     @staticmethod
@@ -80,8 +90,17 @@ def recipe_summaries() -> dict[str, str]:
     return out
 
 
+def quiet_third_party_warnings() -> None:
+    """Hide deprecation notices raised inside libraries we depend on, about calls we do not make ourselves."""
+    # Lightning's own pytree helper builds torch's LeafSpec, which recent torch releases deprecate
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # peft's LoRA wrapper asks transformers 5 for `is_gradient_checkpointing`, which transformers 5 deprecates
+    warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line."""
+    quiet_third_party_warnings()
     args = argv
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["list"]:

@@ -9,7 +9,7 @@ optimizer steps, i.e. ``mu * num_mini_batches`` per rollout batch.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
+from recipes.parts import answer_span
 from recipes.parts.chunked_head import chunked_token_logprobs, last_hidden_state, split_lm
 from recipes.parts.grpo_loss import (
     AGGREGATIONS,
@@ -33,7 +34,8 @@ from recipes.parts.grpo_loss import (
     token_logprobs,
 )
 from recipes.parts.hf_model import build_causal_lm, module_tokenizer
-from recipes.parts.optim import decay_groups
+from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
+from recipes.parts.rollout import Rollout
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -50,7 +52,7 @@ class GRPOModule(L.LightningModule):
             (the same response-only loss as ``CausalLMModule``), so a random-init model can produce answers.
         sft_lr: learning rate of that warm-up (AdamW).
         optimizer: the GRPO optimizer (AdamW by default) over the named groups ``decay`` / ``no_decay``.
-        warmup_steps: linear learning-rate warm-up in optimizer steps, then constant (as TRL's GRPO examples).
+        warmup_steps: linear learning-rate warm-up in optimizer steps, then constant.
         num_generations: G, completions per prompt.
         temperature / top_p / max_new_tokens: sampling settings of the rollouts.
         mu: optimizer passes over each rollout batch (1 = on-policy, the ratio is exactly 1).
@@ -262,17 +264,6 @@ class GRPOModule(L.LightningModule):
         return chunked_token_logprobs(hidden[:, -t - 1:-1], split_lm(model)[1], completion, hp.temperature,
                                       hp.logprob_chunk_size, entropy)
 
-    @torch.no_grad()
-    def rollout_logprobs(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                         completion: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
-        """Log-probs of a whole rollout batch under ``model`` (old policy or reference), ``logprob_batch_size``
-        completions per forward."""
-        n = completion.shape[0]
-        size = self.hparams.logprob_batch_size or -(-n // self.hparams.num_mini_batches)
-        return torch.cat([self.completion_logprobs(model, prompt_ids[i:i + size], prompt_mask[i:i + size],
-                                                   completion[i:i + size], cmask[i:i + size])[0]
-                          for i in range(0, n, size)])
-
     def _rewards(self, prompts: list[str], texts: list[str], columns: dict[str, list]):
         drop = self.hparams.drop_bad_rewards
         verifier_rewards, valid = compute_rewards(self._verifier or self.trainer.datamodule.reward_fn(), prompts,
@@ -287,106 +278,119 @@ class GRPOModule(L.LightningModule):
 
     def answer_mask(self, completion: torch.Tensor, cmask: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Tokens of the final answer: from the last ``####`` (or the last line) to the end of the completion."""
-        tokenizer = module_tokenizer(self)
-        out = torch.zeros_like(cmask, dtype=torch.bool)
-        for i, text in enumerate(texts):
-            start = text.rfind("####")
-            start = text.rfind("\n") + 1 if start < 0 else start
-            n = int(cmask[i].sum())
-            ids = completion[i, :n].tolist()
-            for t in range(n):
-                if len(tokenizer.decode(ids[:t + 1], skip_special_tokens=True)) > start:
-                    out[i, t:n] = True
-                    break
-        return out & cmask.bool()
+        return answer_span.answer_mask(module_tokenizer(self), completion, cmask, texts)
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One rollout batch: sample and score completions, then ``mu`` passes of mini-batch updates."""
+        rollout = self.rollout(batch)
+        self.rollout_logprobs(rollout)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        stats: dict[str, list[torch.Tensor]] = {}
+        for idx in self.mini_batches(rollout.n):
+            loss = self.mini_batch_loss(rollout, idx.to(self.device), stats)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if self.hparams.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm,
+                                    gradient_clip_algorithm="norm")
+            optimizer.step()
+            scheduler.step()
+            _add(stats, "train/loss", loss.detach())
+        self._log_rollout(rollout)
+        self.log_dict({k: torch.stack(v).float().mean() for k, v in stats.items()}, batch_size=rollout.n)
+
+    def rollout(self, batch: dict) -> Rollout:
+        """G completions per prompt, their rewards and group-normalized advantages."""
         hp = self.hparams
-        tokenizer = module_tokenizer(self)
         g = hp.num_generations
-        prompt_ids = batch["prompt_input_ids"].repeat_interleave(g, 0)
-        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(g, 0)
         completion, cmask = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"], g)
-        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+        texts = module_tokenizer(self).batch_decode(completion, skip_special_tokens=True)
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()
                    if isinstance(vals, list) and k != "prompts"}
         prompts = [p for p in batch["prompts"] for _ in range(g)]
-        rewards, correct, valid = self._rewards(prompts, texts, columns)
-        rewards, correct, valid = rewards.to(self.device), correct.to(self.device), valid.to(self.device)
-        advantages = group_advantages(rewards, g, hp.scale_rewards, valid)
-        lmask = cmask * valid.unsqueeze(1).long()
-        answer_mask = self.answer_mask(completion, cmask, texts) if self._answer_mask_terms else None
-        n = completion.shape[0]
+        rewards, correct, valid = (t.to(self.device) for t in self._rewards(prompts, texts, columns))
+        return Rollout(prompt_ids=batch["prompt_input_ids"].repeat_interleave(g, 0),
+                       prompt_mask=batch["prompt_attention_mask"].repeat_interleave(g, 0),
+                       completion=completion, cmask=cmask, rewards=rewards, correct=correct, valid=valid,
+                       advantages=group_advantages(rewards, g, hp.scale_rewards, valid),
+                       loss_mask=cmask * valid.unsqueeze(1).long(),
+                       answer_mask=self.answer_mask(completion, cmask, texts) if self._answer_mask_terms else None)
 
-        single = self.updates_per_rollout == 1
-        old_logp = ref_logp = None
-        if not single:  # with one update the old policy is the current one: reuse the first forward (ratio 1)
-            old_logp = self.rollout_logprobs(self.model, prompt_ids, prompt_mask, completion, cmask)
+    @torch.no_grad()
+    def rollout_logprobs(self, rollout: Rollout) -> None:
+        """Per-token log-probs of the rollout policy (``old_logp``) and of the frozen reference (``ref_logp``).
+
+        With one update per rollout the old policy is the current one, so ``old_logp`` is left to the first
+        mini-batch forward (the ratio is then exactly 1) instead of costing a forward here.
+        """
+        n = rollout.completion.shape[0]
+        size = self.hparams.logprob_batch_size or -(-n // self.hparams.num_mini_batches)
+        passes = [torch.arange(i, min(i + size, n), device=rollout.completion.device) for i in range(0, n, size)]
+        if self.updates_per_rollout > 1:
+            rollout.old_logp = torch.cat([self._logprobs(self.model, rollout, idx)[0] for idx in passes])
         if self._reference:
-            ref_logp = self.rollout_logprobs(self._reference[0], prompt_ids, prompt_mask, completion, cmask)
+            rollout.ref_logp = torch.cat([self._logprobs(self._reference[0], rollout, idx)[0] for idx in passes])
 
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        stats: dict[str, list[torch.Tensor]] = {}
+    def mini_batches(self, n: int) -> Iterator[torch.Tensor]:
+        """Completion indices of each optimizer step: ``mu`` shuffled passes of ``num_mini_batches`` chunks."""
+        hp = self.hparams
         generator = torch.Generator().manual_seed(int(self.global_step) + 1_000_003 * int(self.current_epoch))
         for _ in range(hp.mu):
             order = torch.randperm(n, generator=generator) if hp.num_mini_batches > 1 else torch.arange(n)
-            for idx in order.chunk(hp.num_mini_batches):
-                idx = idx.to(self.device)
-                logp, entropy = self.completion_logprobs(self.model, prompt_ids[idx], prompt_mask[idx], completion[idx],
-                                                         cmask[idx], entropy=True)
-                if single:  # one update per rollout: idx is every completion in order, and old == current
-                    old_logp = logp.detach()
-                old = old_logp[idx]
-                m = lmask[idx]
-                per_token, clipped = clipped_surrogate(logp, old, advantages[idx], hp.eps_low, hp.eps_high)
-                ref = ref_logp[idx] if ref_logp is not None else None
-                if ref is not None:
-                    kl = k3_kl(logp, ref)
-                    per_token = per_token + hp.kl_coef * kl
-                    _add(stats, "grpo/kl", aggregate(kl.detach(), m, hp.loss_aggregation, hp.max_new_tokens))
-                loss = aggregate(per_token, m, hp.loss_aggregation, hp.max_new_tokens)
-                _add(stats, "loss/grpo", loss.detach())
-                tokens = PolicyTokens(logp=logp, old_logp=old, ref_logp=ref, advantages=advantages[idx], mask=m,
-                                      action_mask=m, answer_mask=None if answer_mask is None else answer_mask[idx],
-                                      valid=valid[idx])
-                for name, fn in self.loss_terms.items():
-                    out = fn(tokens)
-                    value, extra = out if isinstance(out, tuple) else (out, {})
-                    loss = loss + value
-                    _add(stats, f"loss/{name}", value.detach())
-                    for key, v in extra.items():
-                        _add(stats, key, torch.as_tensor(v, dtype=torch.float32))
-                with torch.no_grad():
-                    mf = m.float()
-                    _add(stats, "grpo/clip_fraction", (clipped.float() * mf).sum() / mf.sum().clamp(min=1))
-                    _add(stats, "grpo/ratio", (torch.exp(logp - old) * mf).sum() / mf.sum().clamp(min=1))
-                    _add(stats, "grpo/entropy", (entropy * mf).sum() / mf.sum().clamp(min=1))
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                scheduler.step()
-                _add(stats, "train/loss", loss.detach())
-        for i, group in enumerate(optimizer.optimizer.param_groups):
-            self.log(f"optim/lr_{group.get('name', i)}", group["lr"], batch_size=1)
+            yield from order.chunk(hp.num_mini_batches)
 
-        self._log_rollout(rewards, correct, valid, cmask, old_logp, n)
-        self.log_dict({k: torch.stack(v).float().mean() for k, v in stats.items()}, batch_size=n)
+    def mini_batch_loss(self, rollout: Rollout, idx: torch.Tensor,
+                        stats: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """Clipped surrogate (+ k3 KL, + registered terms) on the completions ``idx``; metrics added to ``stats``."""
+        hp = self.hparams
+        logp, entropy = self._logprobs(self.model, rollout, idx, entropy=True)
+        if rollout.old_logp is None:  # one update per rollout: idx is every completion in order, old == current
+            rollout.old_logp = logp.detach()
+        old, m, advantages = rollout.old_logp[idx], rollout.loss_mask[idx], rollout.advantages[idx]
+        per_token, clipped = clipped_surrogate(logp, old, advantages, hp.eps_low, hp.eps_high)
+        ref = rollout.ref_logp[idx] if rollout.ref_logp is not None else None
+        if ref is not None:
+            kl = k3_kl(logp, ref)
+            per_token = per_token + hp.kl_coef * kl
+            _add(stats, "grpo/kl", aggregate(kl.detach(), m, hp.loss_aggregation, hp.max_new_tokens))
+        loss = aggregate(per_token, m, hp.loss_aggregation, hp.max_new_tokens)
+        _add(stats, "loss/grpo", loss.detach())
+        tokens = PolicyTokens(logp=logp, old_logp=old, ref_logp=ref, advantages=advantages, mask=m, action_mask=m,
+                              answer_mask=None if rollout.answer_mask is None else rollout.answer_mask[idx],
+                              valid=rollout.valid[idx])
+        for name, fn in self.loss_terms.items():
+            out = fn(tokens)
+            value, extra = out if isinstance(out, tuple) else (out, {})
+            loss = loss + value
+            _add(stats, f"loss/{name}", value.detach())
+            for key, v in extra.items():
+                _add(stats, key, torch.as_tensor(v, dtype=torch.float32))
+        with torch.no_grad():
+            mf = m.float()
+            tokens_n = mf.sum().clamp(min=1)
+            _add(stats, "grpo/clip_fraction", (clipped.float() * mf).sum() / tokens_n)
+            _add(stats, "grpo/ratio", (torch.exp(logp - old) * mf).sum() / tokens_n)
+            _add(stats, "grpo/entropy", (entropy * mf).sum() / tokens_n)
+        return loss
 
-    def _log_rollout(self, rewards, correct, valid, cmask, old_logp, n: int) -> None:
+    def _logprobs(self, model: torch.nn.Module, rollout: Rollout, idx: torch.Tensor,
+                  entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``completion_logprobs`` of ``model`` on the rollout's completions ``idx``."""
+        return self.completion_logprobs(model, rollout.prompt_ids[idx], rollout.prompt_mask[idx],
+                                        rollout.completion[idx], rollout.cmask[idx], entropy)
+
+    def _log_rollout(self, rollout: Rollout) -> None:
         """Rollout statistics; ``logp_correct``/``logp_incorrect``: mean per-token log-likelihood (rollout policy)."""
-        cmf = cmask.float()
-        seq_logp = (old_logp * cmf).sum(1) / cmf.sum(1).clamp(min=1)
-        ok = valid
+        rewards, correct, ok, n = rollout.rewards, rollout.correct, rollout.valid, rollout.n
+        cmf = rollout.cmask.float()
+        seq_logp = (rollout.old_logp * cmf).sum(1) / cmf.sum(1).clamp(min=1)
         metrics = {
             "grpo/reward_mean": rewards[ok].mean() if ok.any() else torch.zeros(()),
             "grpo/reward_std": rewards[ok].std() if ok.sum() > 1 else torch.zeros(()),
             "grpo/accuracy": correct[ok].float().mean() if ok.any() else torch.zeros(()),
             "grpo/completion_length": cmf.sum(1).mean(),
-            "grpo/dropped": (~valid).float().sum(),
+            "grpo/dropped": (~ok).float().sum(),
         }
         for name, sel in (("grpo/logp_correct", correct & ok), ("grpo/logp_incorrect", ~correct & ok)):
             if sel.any():
@@ -408,12 +412,8 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(decay_groups(self.model))
-        warmup = self.hparams.warmup_steps
-
-        def factor(step: int) -> float:
-            return min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, factor)]
+        warmup = self.hparams.warmup_steps  # then constant (min_ratio 1)
+        return {"optimizer": optimizer, "lr_scheduler": warmup_cosine_scheduler(optimizer, warmup, warmup, 1.0)}
 
 
 def _add(stats: dict[str, list[torch.Tensor]], key: str, value: torch.Tensor) -> None:

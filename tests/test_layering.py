@@ -23,7 +23,7 @@ def upward_imports(path: Path, forbidden: set[str]) -> list[str]:
         else:
             continue
         found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in forbidden]
-    return found
+    return sorted(found, key=lambda hit: int(hit.split(":")[1].split()[0]))
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))

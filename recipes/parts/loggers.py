@@ -15,18 +15,28 @@ def default_loggers(root: str | Path, name: str, wandb: str = "offline", project
     """A versioned ``CSVLogger`` (first, so ``trainer.log_dir`` is unique per run) plus a ``WandbLogger``.
 
     W&B files go inside the CSV run directory, so the config each run saves never collides with another
-    run's (the clash of ``SaveConfigCallback`` writing one ``config.yaml`` shared by every W&B run).
+    run's. The CSV writer is created first, while that directory is still empty.
     """
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb must be one of {WANDB_MODES}, got {wandb!r}")
     csv = CSVLogger(save_dir=str(root), name=name)
     loggers: list[Logger] = [csv]
     if wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
+        _ = csv.experiment  # creates the run directory (rank zero) before W&B writes into it
         run_dir = Path(csv.log_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        loggers.append(WandbLogger(project=project, name=f"{name}/{run_dir.name}", save_dir=str(run_dir),
-                                   offline=wandb == "offline"))
+        run_dir.mkdir(parents=True, exist_ok=True)  # other ranks: W&B's own directory argument must exist
+        loggers.append(_WandbLogger(project=project, name=f"{name}/{run_dir.name}", save_dir=str(run_dir),
+                                    offline=wandb == "offline"))
     return loggers
+
+
+class _WandbLogger(WandbLogger):
+    """``WandbLogger`` minus the ``anonymous`` setting: Lightning always passes it and recent W&B releases warn that
+    it has no effect."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        getattr(self, "_wandb_init", {}).pop("anonymous", None)
 
 
 def check_log_dir(root: str | Path, min_free_mb: int = 100) -> None:
