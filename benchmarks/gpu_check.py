@@ -231,6 +231,8 @@ def run_check(name: str, command: list[str], budget: float, env: dict) -> dict:
     result = _last_json(proc.stdout) if proc.returncode == 0 else None
     if result is None:
         return {"check": name, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
+    if "benchmark" in result:
+        result["script"] = result.pop("benchmark")
     return {"check": name, **{k: v for k, v in result.items() if k != "check"},
             "wall_s": round(time.perf_counter() - start, 1)}
 
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         result = run_check(name, command, budget, env)
         result.setdefault("device", "cpu" if args.cpu_smoke else "cuda")
         results[name] = result
-        line = json.dumps({"benchmark": "gpu_check", **result})
+        line = json.dumps({**result, "benchmark": "gpu_check"})
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as f:
