@@ -100,7 +100,7 @@ def child(args) -> None:
         loss = loss + part.detach()
     report = phase_report(variant=args.child)
     entropy = float(sum(e * (size / n) for e in stats["grpo/entropy"]))
-    logp = torch.cat([module._logprobs(model, rollout, torch.arange(i, min(i + 8, n)))[0].detach()
+    logp = torch.cat([module.completion_logprobs(model, *rollout.inputs(slice(i, i + 8)))[0].detach()
                       for i in range(0, n, 8)])  # after the phase: the current policy's log-probs, for comparison
     grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     torch.save({"old": rollout.old_logp, "ref": rollout.ref_logp, "logp": logp, "loss": torch.as_tensor(loss),

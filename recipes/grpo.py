@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from callbacks.core.policy_tokens import PolicyTokens
+from callbacks.finite_loss import NonFiniteLossError
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
 from recipes.parts import answer_span
@@ -188,6 +189,10 @@ class GRPOModule(L.LightningModule):
     def _sft_warmup(self) -> None:
         """Supervised warm-up on the data module's ``sft`` split: response-token cross-entropy, AdamW, fixed LR."""
         loader = self.trainer.datamodule.sft_dataloader()
+        if len(loader) == 0:
+            raise ValueError(f"the SFT warm-up data gives no batch ({len(loader.dataset)} samples, batch size "
+                             f"{loader.batch_size}, incomplete batches dropped); lower data.sft_batch_size or set "
+                             "model.sft_steps: 0")
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.sft_lr, betas=(0.9, 0.98))
         self.model.train()
         step, losses = 0, []
@@ -196,6 +201,12 @@ class GRPOModule(L.LightningModule):
                 batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   labels=batch["labels"], use_cache=False).loss
+                if not torch.isfinite(loss):
+                    last = f"{losses[-1]:.6g}" if losses else "none yet"
+                    raise NonFiniteLossError(
+                        f"SFT warm-up loss is {loss.item()} at warm-up step {step + 1}/{self.hparams.sft_steps} "
+                        f"(last finite loss {last}); no checkpoint was written. Lower model.sft_lr or check the "
+                        "sft data")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 optimizer.step()
@@ -264,6 +275,15 @@ class GRPOModule(L.LightningModule):
         return chunked_token_logprobs(hidden[:, -t - 1:-1], split_lm(model)[1], completion, hp.temperature,
                                       hp.logprob_chunk_size, entropy)
 
+    @torch.no_grad()
+    def batched_logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """Log-probs of a whole rollout batch under ``model`` (old policy or reference), ``logprob_batch_size``
+        completions per forward (default: a mini-batch's worth)."""
+        n = rollout.n
+        size = self.hparams.logprob_batch_size or -(-n // self.hparams.num_mini_batches)
+        return torch.cat([self.completion_logprobs(model, *rollout.inputs(slice(i, i + size)))[0]
+                          for i in range(0, n, size)])
+
     def _rewards(self, prompts: list[str], texts: list[str], columns: dict[str, list]):
         drop = self.hparams.drop_bad_rewards
         verifier_rewards, valid = compute_rewards(self._verifier or self.trainer.datamodule.reward_fn(), prompts,
@@ -324,13 +344,10 @@ class GRPOModule(L.LightningModule):
         With one update per rollout the old policy is the current one, so ``old_logp`` is left to the first
         mini-batch forward (the ratio is then exactly 1) instead of costing a forward here.
         """
-        n = rollout.completion.shape[0]
-        size = self.hparams.logprob_batch_size or -(-n // self.hparams.num_mini_batches)
-        passes = [torch.arange(i, min(i + size, n), device=rollout.completion.device) for i in range(0, n, size)]
         if self.updates_per_rollout > 1:
-            rollout.old_logp = torch.cat([self._logprobs(self.model, rollout, idx)[0] for idx in passes])
+            rollout.old_logp = self.batched_logprobs(self.model, rollout)
         if self._reference:
-            rollout.ref_logp = torch.cat([self._logprobs(self._reference[0], rollout, idx)[0] for idx in passes])
+            rollout.ref_logp = self.batched_logprobs(self._reference[0], rollout)
 
     def mini_batches(self, n: int) -> Iterator[torch.Tensor]:
         """Completion indices of each optimizer step: ``mu`` shuffled passes of ``num_mini_batches`` chunks."""
@@ -344,7 +361,7 @@ class GRPOModule(L.LightningModule):
                         stats: dict[str, list[torch.Tensor]]) -> torch.Tensor:
         """Clipped surrogate (+ k3 KL, + registered terms) on the completions ``idx``; metrics added to ``stats``."""
         hp = self.hparams
-        logp, entropy = self._logprobs(self.model, rollout, idx, entropy=True)
+        logp, entropy = self.completion_logprobs(self.model, *rollout.inputs(idx), entropy=True)
         if rollout.old_logp is None:  # one update per rollout: idx is every completion in order, old == current
             rollout.old_logp = logp.detach()
         old, m, advantages = rollout.old_logp[idx], rollout.loss_mask[idx], rollout.advantages[idx]
@@ -373,12 +390,6 @@ class GRPOModule(L.LightningModule):
             _add(stats, "grpo/ratio", (torch.exp(logp - old) * mf).sum() / tokens_n)
             _add(stats, "grpo/entropy", (entropy * mf).sum() / tokens_n)
         return loss
-
-    def _logprobs(self, model: torch.nn.Module, rollout: Rollout, idx: torch.Tensor,
-                  entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``completion_logprobs`` of ``model`` on the rollout's completions ``idx``."""
-        return self.completion_logprobs(model, rollout.prompt_ids[idx], rollout.prompt_mask[idx],
-                                        rollout.completion[idx], rollout.cmask[idx], entropy)
 
     def _log_rollout(self, rollout: Rollout) -> None:
         """Rollout statistics; ``logp_correct``/``logp_incorrect``: mean per-token log-likelihood (rollout policy)."""

@@ -32,3 +32,6 @@ class Rollout:
     def n(self) -> int:
         return self.completion.shape[0]
 
+    def inputs(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, ...]:
+        """``(prompt_ids, prompt_mask, completion, cmask)`` of the completions ``idx``."""
+        return self.prompt_ids[idx], self.prompt_mask[idx], self.completion[idx], self.cmask[idx]
