@@ -199,6 +199,7 @@ class LayerDiagnostics(Callback):
         pl_module.eval()
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
+                torch.manual_seed(0)  # a model that draws at random in eval mode (MAE masking) draws alike each time
                 mask = token_mask(batch)
                 stats, outputs = probe_blocks(self._blocks, lambda: forward_batch(pl_module, batch), mask,
                                               keep_outputs=self.logit_lens)
