@@ -18,6 +18,7 @@ _EXPORTS = {
     "FiniteLossGuard": "callbacks.finite_loss",
     "RunInfoLogger": "callbacks.run_info",
     "ExactResume": "callbacks.exact_resume",
+    "StepProgressBar": "callbacks.progress",
 }
 __all__ = list(_EXPORTS)
 

@@ -4,10 +4,10 @@ Every ``interval`` optimizer steps, ``n_layers`` of the L transformer blocks are
 made trainable; the always-on parts (input embedding, output head, final norm, and any parameter outside the
 blocks) train all the time (the paper's Algorithm 1, "E+H+gamma L").
 
-Unlike the reference callbacks (LMFlow, axolotl, ms-swift), the optimizer state of a block is dropped when the
-block is deactivated, so optimizer memory is bounded by the trainable-now parameters and never grows with the
-number of switches; a block sampled again starts with fresh moments (the per-interval restart the authors used).
-A block that is drawn again at the next interval, while still active, keeps its moments.
+The optimizer state of a block is dropped when the block is deactivated, so optimizer memory is bounded by the
+trainable-now parameters and never grows with the number of switches; a block sampled again starts with fresh
+moments (the per-interval restart the authors used). A block that is drawn again at the next interval, while
+still active, keeps its moments.
 
 ``sampling="importance"`` draws block l with probability proportional to a score measured once at fit start on
 the first training batches (model in eval mode, no grad), the way OwLore uses outlier scores: the block influence
