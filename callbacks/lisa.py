@@ -176,7 +176,7 @@ class LISA(Callback):
 
     def _measure_importance(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
         """Mean of ``importance_metric`` per block over the first ``importance_batches`` training batches."""
-        totals = torch.zeros(len(self.parts), dtype=torch.float64)
+        totals, seen = torch.zeros(len(self.parts), dtype=torch.float64), 0
         was_training = pl_module.training
         pl_module.eval()
         with torch.random.fork_rng(devices=[]):  # iterating the loader must not shift the training data order
@@ -187,8 +187,11 @@ class LISA(Callback):
                 stats, _ = probe_blocks(self.parts.blocks, lambda b=batch: forward_batch(pl_module, b),
                                         token_mask(batch))
                 totals += torch.tensor(stats[self.importance_metric], dtype=torch.float64)
+                seen += 1
         pl_module.train(was_training)
-        values = (totals / self.importance_batches).tolist()
+        if seen == 0:
+            raise ValueError("LISA(sampling='importance') needs at least one training batch to measure on")
+        values = (totals / seen).tolist()
         return trainer.strategy.broadcast(values, src=0)  # every rank samples with rank 0's measurement
 
     def draw(self, num_blocks: int) -> list[int]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -34,6 +35,7 @@ from torch import nn
 from typing_extensions import override
 
 from callbacks.core.galore import GaLoreAdamW
+from callbacks.core.layer_stats import forward_batch
 from callbacks.lisa import LISA
 
 
@@ -199,16 +201,11 @@ class OwLore(LISA):
                     return
                 yield trainer.strategy.batch_to_device(batch)
 
-        def forward(batch) -> None:
-            if isinstance(batch, dict):
-                pl_module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-            else:
-                pl_module(batch[0] if isinstance(batch, (list, tuple)) else batch)
-
         was_training = pl_module.training
         pl_module.eval()
         with torch.random.fork_rng(devices=[]):  # iterating the loader must not shift the training data order
-            scores = outlier_scores(self.parts.blocks, batches(), forward, self.outlier_threshold)
+            scores = outlier_scores(self.parts.blocks, batches(), partial(forward_batch, pl_module),
+                                    self.outlier_threshold)
         pl_module.train(was_training)
         return scores
 
