@@ -10,6 +10,8 @@ _EXPORTS = {
     "ModelParts": "callbacks.core.blocks",
     "LISA": "callbacks.lisa",
     "OwLore": "callbacks.owlore",
+    "BAdam": "callbacks.badam",
+    "LayerDiagnostics": "callbacks.layer_diagnostics",
     "ProgressiveLayerDrop": "callbacks.layer_drop",
     "LLDS": "callbacks.llds",
     "MAEReconstructionLogger": "callbacks.mae_reconstruction",

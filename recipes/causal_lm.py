@@ -12,6 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.tokenizer import load_tokenizer
+from recipes.parts.chunked_head import chunked_cross_entropy, last_hidden_state, split_lm
 from recipes.parts.hf_model import build_causal_lm, enable_activation_checkpointing, module_tokenizer
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
 
@@ -58,6 +59,9 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: recompute block activations in backward (non-reentrant).
         exact_match_batches: validation/test batches on which greedy answers are generated for ``exact_match``.
         max_new_tokens: generation budget for exact-match answers.
+        loss_chunk_size: labelled positions projected through the output head at a time for the loss (fp32
+            full-vocabulary logits exist for one chunk only, in forward and backward; see
+            ``recipes.parts.chunked_head``); ``None`` computes the plain Hugging Face loss.
     """
 
     def __init__(
@@ -73,10 +77,13 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         exact_match_batches: int = 2,
         max_new_tokens: int = 16,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be a positive integer or None, got {loss_chunk_size}")
         if model_path is not None and model_config is not None:
             raise ValueError("Give either model_path (a from_pretrained directory) or model_config, not both")
         self.save_hyperparameters(ignore=["optimizer"])
@@ -108,17 +115,25 @@ class CausalLMModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    def lm_loss(self, batch: dict) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled (response) tokens of ``batch``."""
+        chunk = self.hparams.loss_chunk_size
+        if chunk is None:
+            return self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False).loss
+        hidden = last_hidden_state(self.model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return chunked_cross_entropy(hidden[:, :-1], split_lm(self.model)[1], batch["labels"][:, 1:], chunk)
+
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return out.loss
+        loss = self.lm_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False)
+        loss = self.lm_loss(batch)
         tally = self._tally[stage]
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        tally.loss_sum += float(out.loss) * tokens
+        tally.loss_sum += float(loss) * tokens
         tally.tokens += tokens
         if "answers" in batch and tally.batches < self.hparams.exact_match_batches:
             answers = self.generate_answers(batch)

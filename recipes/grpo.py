@@ -18,8 +18,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from callbacks.core.policy_tokens import PolicyTokens
+from callbacks.finite_loss import NonFiniteLossError
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
+from recipes.parts import answer_span
+from recipes.parts.chunked_head import chunked_token_logprobs, last_hidden_state, split_lm
 from recipes.parts.grpo_loss import (
     AGGREGATIONS,
     SCALES,
@@ -33,7 +36,7 @@ from recipes.parts.grpo_loss import (
 )
 from recipes.parts.hf_model import build_causal_lm, module_tokenizer
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
-from recipes.parts.rollout import Rollout, answer_token_mask
+from recipes.parts.rollout import Rollout
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -66,6 +69,11 @@ class GRPOModule(L.LightningModule):
             of stopping the run.
         max_grad_norm: gradient clipping (manual optimization: ``trainer.gradient_clip_val`` must stay unset).
         val_max_new_tokens: greedy answer budget in validation (``val/accuracy``).
+        logprob_chunk_size: completion positions projected through the output head at a time when computing
+            log-probs and entropies (fp32 full-vocabulary logits exist for one chunk only, in forward and
+            backward; see ``recipes.parts.chunked_head``); ``None`` projects all positions of a pass at once.
+        logprob_batch_size: completions per forward of the no-grad old-policy and reference log-prob passes;
+            ``None`` uses the update mini-batch size (completions / ``num_mini_batches``).
     """
 
     def __init__(
@@ -93,6 +101,8 @@ class GRPOModule(L.LightningModule):
         drop_bad_rewards: bool = False,
         max_grad_norm: float | None = 1.0,
         val_max_new_tokens: int | None = None,
+        logprob_chunk_size: int | None = 512,
+        logprob_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_generations < 2:
@@ -105,6 +115,9 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got {loss_aggregation!r}")
         if not (temperature > 0 and 0 < top_p <= 1):
             raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        for name, value in (("logprob_chunk_size", logprob_chunk_size), ("logprob_batch_size", logprob_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value}")
         if sum(x is not None for x in (model_path, model_config)) > 1:
             raise ValueError("Give at most one of model_path and model_config")
         self.save_hyperparameters(ignore=["optimizer", "reward_funcs"])
@@ -176,6 +189,10 @@ class GRPOModule(L.LightningModule):
     def _sft_warmup(self) -> None:
         """Supervised warm-up on the data module's ``sft`` split: response-token cross-entropy, AdamW, fixed LR."""
         loader = self.trainer.datamodule.sft_dataloader()
+        if len(loader) == 0:
+            raise ValueError(f"the SFT warm-up data gives no batch ({len(loader.dataset)} samples, batch size "
+                             f"{loader.batch_size}, incomplete batches dropped); lower data.sft_batch_size or set "
+                             "model.sft_steps: 0")
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.sft_lr, betas=(0.9, 0.98))
         self.model.train()
         step, losses = 0, []
@@ -184,6 +201,12 @@ class GRPOModule(L.LightningModule):
                 batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   labels=batch["labels"], use_cache=False).loss
+                if not torch.isfinite(loss):
+                    last = f"{losses[-1]:.6g}" if losses else "none yet"
+                    raise NonFiniteLossError(
+                        f"SFT warm-up loss is {loss.item()} at warm-up step {step + 1}/{self.hparams.sft_steps} "
+                        f"(last finite loss {last}); no checkpoint was written. Lower model.sft_lr or check the "
+                        "sft data")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 optimizer.step()
@@ -230,6 +253,37 @@ class GRPOModule(L.LightningModule):
                        logits_to_keep=t + 1).logits
         return logits[:, :-1]
 
+    def completion_logprobs(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                            completion: torch.Tensor, cmask: torch.Tensor, entropy: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(completion token | prefix) [N, T] at the sampling temperature, and (detached) entropies.
+
+        With ``logprob_chunk_size`` the decoder runs once and the head projects that many positions at a time.
+        """
+        hp = self.hparams
+        if hp.logprob_chunk_size is None:
+            logits = self.policy_logits(model, prompt_ids, prompt_mask, completion, cmask)
+            ent = None
+            if entropy:
+                with torch.no_grad():
+                    ent = token_entropy(logits, hp.temperature)
+            return token_logprobs(logits, completion, hp.temperature), ent
+        mask = torch.cat([prompt_mask, cmask], 1)
+        hidden = last_hidden_state(model, input_ids=torch.cat([prompt_ids, completion], 1), attention_mask=mask,
+                                   position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        t = completion.shape[1]
+        return chunked_token_logprobs(hidden[:, -t - 1:-1], split_lm(model)[1], completion, hp.temperature,
+                                      hp.logprob_chunk_size, entropy)
+
+    @torch.no_grad()
+    def batched_logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """Log-probs of a whole rollout batch under ``model`` (old policy or reference), ``logprob_batch_size``
+        completions per forward (default: a mini-batch's worth)."""
+        n = rollout.n
+        size = self.hparams.logprob_batch_size or -(-n // self.hparams.num_mini_batches)
+        return torch.cat([self.completion_logprobs(model, *rollout.inputs(slice(i, i + size)))[0]
+                          for i in range(0, n, size)])
+
     def _rewards(self, prompts: list[str], texts: list[str], columns: dict[str, list]):
         drop = self.hparams.drop_bad_rewards
         verifier_rewards, valid = compute_rewards(self._verifier or self.trainer.datamodule.reward_fn(), prompts,
@@ -244,7 +298,7 @@ class GRPOModule(L.LightningModule):
 
     def answer_mask(self, completion: torch.Tensor, cmask: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Tokens of the final answer: from the last ``####`` (or the last line) to the end of the completion."""
-        return answer_token_mask(module_tokenizer(self), completion, cmask, texts)
+        return answer_span.answer_mask(module_tokenizer(self), completion, cmask, texts)
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -290,12 +344,10 @@ class GRPOModule(L.LightningModule):
         With one update per rollout the old policy is the current one, so ``old_logp`` is left to the first
         mini-batch forward (the ratio is then exactly 1) instead of costing a forward here.
         """
-        temperature = self.hparams.temperature
         if self.updates_per_rollout > 1:
-            rollout.old_logp = token_logprobs(self._logits(self.model, rollout), rollout.completion, temperature)
+            rollout.old_logp = self.batched_logprobs(self.model, rollout)
         if self._reference:
-            rollout.ref_logp = token_logprobs(self._logits(self._reference[0], rollout), rollout.completion,
-                                              temperature)
+            rollout.ref_logp = self.batched_logprobs(self._reference[0], rollout)
 
     def mini_batches(self, n: int) -> Iterator[torch.Tensor]:
         """Completion indices of each optimizer step: ``mu`` shuffled passes of ``num_mini_batches`` chunks."""
@@ -309,8 +361,7 @@ class GRPOModule(L.LightningModule):
                         stats: dict[str, list[torch.Tensor]]) -> torch.Tensor:
         """Clipped surrogate (+ k3 KL, + registered terms) on the completions ``idx``; metrics added to ``stats``."""
         hp = self.hparams
-        logits = self._logits(self.model, rollout, idx)
-        logp = token_logprobs(logits, rollout.completion[idx], hp.temperature)
+        logp, entropy = self.completion_logprobs(self.model, *rollout.inputs(idx), entropy=True)
         if rollout.old_logp is None:  # one update per rollout: idx is every completion in order, old == current
             rollout.old_logp = logp.detach()
         old, m, advantages = rollout.old_logp[idx], rollout.loss_mask[idx], rollout.advantages[idx]
@@ -337,14 +388,8 @@ class GRPOModule(L.LightningModule):
             tokens_n = mf.sum().clamp(min=1)
             _add(stats, "grpo/clip_fraction", (clipped.float() * mf).sum() / tokens_n)
             _add(stats, "grpo/ratio", (torch.exp(logp - old) * mf).sum() / tokens_n)
-            _add(stats, "grpo/entropy", (token_entropy(logits, hp.temperature) * mf).sum() / tokens_n)
+            _add(stats, "grpo/entropy", (entropy * mf).sum() / tokens_n)
         return loss
-
-    def _logits(self, model: torch.nn.Module, rollout: Rollout, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``policy_logits`` of ``model`` on the rollout's completions ``idx`` (all when ``None``)."""
-        sel = slice(None) if idx is None else idx
-        return self.policy_logits(model, rollout.prompt_ids[sel], rollout.prompt_mask[sel], rollout.completion[sel],
-                                  rollout.cmask[sel])
 
     def _log_rollout(self, rollout: Rollout) -> None:
         """Rollout statistics; ``logp_correct``/``logp_incorrect``: mean per-token log-likelihood (rollout policy)."""

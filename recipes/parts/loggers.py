@@ -2,31 +2,91 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-def default_loggers(root: str | Path, name: str, wandb: str = "offline", project: str = "layerwise-recipes") -> list:
+class _ContinuingWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv``: rows from before the first step logged now stay, later rows (work lost
+    since the checkpoint, about to be logged again) are dropped, and new rows are appended."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._old_rows: list[dict] | None = None
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self._old_rows = list(reader)
+                self.metrics_keys = sorted(reader.fieldnames or [])
+
+    def save(self) -> None:
+        if self._old_rows is not None and self.metrics:
+            first = min(m["step"] for m in self.metrics)
+            keep = [r for r in self._old_rows if r.get("step") not in (None, "") and float(r["step"]) < first]
+            with open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(keep)
+            self._old_rows = None
+        super().save()
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """``CSVLogger`` for a resumed run that continues in its own version folder: ``metrics.csv`` goes on from the
+    step reached instead of being deleted."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def wandb_run_id(run_dir: str | Path) -> str | None:
+    """The W&B run id of a run folder, created once (by rank 0; other ranks do not log to W&B) and kept in
+    ``wandb_id.txt``, so a resumed run logs to the same W&B run."""
+    path = Path(run_dir) / "wandb_id.txt"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    if rank_zero_only.rank != 0:
+        return None
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def default_loggers(root: str | Path, name: str, wandb: str = "offline", project: str = "layerwise-recipes",
+                    version: str | None = None) -> list:
     """A versioned ``CSVLogger`` (first, so ``trainer.log_dir`` is unique per run) plus a ``WandbLogger``.
 
     W&B files go inside the CSV run directory, so the config each run saves never collides with another
-    run's. The CSV writer is created first, while that directory is still empty.
+    run's. The CSV writer is created first, while that directory is still empty. ``version`` (``version_N``)
+    continues that existing run folder: its ``metrics.csv`` goes on from the step reached and W&B resumes the
+    same run id.
     """
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb must be one of {WANDB_MODES}, got {wandb!r}")
-    csv = CSVLogger(save_dir=str(root), name=name)
-    loggers: list[Logger] = [csv]
+    csv_logger = (CSVLogger(save_dir=str(root), name=name) if version is None
+                  else ContinuingCSVLogger(save_dir=str(root), name=name, version=version))
+    loggers: list[Logger] = [csv_logger]
     if wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
-        _ = csv.experiment  # creates the run directory (rank zero) before W&B writes into it
-        run_dir = Path(csv.log_dir)
+        _ = csv_logger.experiment  # creates the run directory (rank zero) before W&B writes into it
+        run_dir = Path(csv_logger.log_dir)
         run_dir.mkdir(parents=True, exist_ok=True)  # other ranks: W&B's own directory argument must exist
         loggers.append(_WandbLogger(project=project, name=f"{name}/{run_dir.name}", save_dir=str(run_dir),
-                                    offline=wandb == "offline"))
+                                    offline=wandb == "offline", id=wandb_run_id(run_dir), resume="allow"))
     return loggers
 
 

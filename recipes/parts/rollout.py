@@ -1,11 +1,10 @@
-"""A GRPO rollout batch as one named structure, and the answer-token mask some loss terms need."""
+"""A GRPO rollout batch as one named structure."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -33,18 +32,6 @@ class Rollout:
     def n(self) -> int:
         return self.completion.shape[0]
 
-
-def answer_token_mask(tokenizer: PreTrainedTokenizerBase, completion: torch.Tensor, cmask: torch.Tensor,
-                      texts: list[str]) -> torch.Tensor:
-    """Tokens of the final answer: from the last ``####`` (or the last line) to the end of the completion."""
-    out = torch.zeros_like(cmask, dtype=torch.bool)
-    for i, text in enumerate(texts):
-        start = text.rfind("####")
-        start = text.rfind("\n") + 1 if start < 0 else start
-        n = int(cmask[i].sum())
-        ids = completion[i, :n].tolist()
-        for t in range(n):
-            if len(tokenizer.decode(ids[:t + 1], skip_special_tokens=True)) > start:
-                out[i, t:n] = True
-                break
-    return out & cmask.bool()
+    def inputs(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, ...]:
+        """``(prompt_ids, prompt_mask, completion, cmask)`` of the completions ``idx``."""
+        return self.prompt_ids[idx], self.prompt_mask[idx], self.completion[idx], self.cmask[idx]
