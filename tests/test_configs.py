@@ -23,6 +23,10 @@ EXTRA_SMOKE_ARGS: dict[str, list[str]] = {
                   "--model.init_args.max_new_tokens=4", "--data.init_args.synthetic_sft_size=64",
                   "--data.init_args.synthetic_train_size=32", "--data.init_args.synthetic_val_size=8",
                   "--data.init_args.val_batch_size=8"],
+    "grpo_crc": ["--model.init_args.sft_steps=2", "--model.init_args.num_generations=2",
+                 "--model.init_args.max_new_tokens=4", "--data.init_args.synthetic_sft_size=64",
+                 "--data.init_args.synthetic_train_size=32", "--data.init_args.synthetic_val_size=8",
+                 "--data.init_args.val_batch_size=8"],
 }
 
 
