@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -94,8 +95,10 @@ class RecipesCLI(LightningCLI):
         if config["trainer"].get("logger") in (None, True):
             kwargs["logger"] = default_loggers(root, name, config["wandb"], config["wandb_project"],
                                                version=self.resume_plan.version)
-        if not config["trainer"].get("plugins"):
-            kwargs["plugins"] = [AtomicCheckpointIO()]
+        plugins = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"].get("plugins")
+        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         if self.subcommand == "fit":
             periodic = PeriodicLastCheckpoint(config["last_ckpt_every_minutes"], config["last_ckpt_every_steps"])
             self.trainer_defaults = {**self.trainer_defaults,
