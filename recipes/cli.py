@@ -18,6 +18,7 @@ from callbacks.exact_resume import ExactResume
 from callbacks.finite_loss import FiniteLossGuard
 from callbacks.periodic_checkpoint import PeriodicLastCheckpoint
 from callbacks.preemption import Preempted, PreemptionCheckpoint
+from callbacks.resume_settings import OptimizerSettingsOnResume
 from callbacks.run_info import RunInfoLogger
 from recipes import resume
 from recipes.parts.loggers import check_log_dir, default_loggers
@@ -55,7 +56,8 @@ class RecipesCLI(LightningCLI):
         # a misspelled option must be an error, not silently read as an abbreviation of a longer one
         kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})  # subcommand parsers inherit it
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
-                                                             EmptyFitGuard(), PreemptionCheckpoint()]})
+                                                             EmptyFitGuard(), PreemptionCheckpoint(),
+                                                             OptimizerSettingsOnResume()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 

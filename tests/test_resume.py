@@ -117,3 +117,36 @@ def test_resume_command_replaces_any_ckpt_path():
         "python -m recipes fit --config 'a b.yaml' --trainer.max_steps=5 --ckpt_path "
         "runs/sft/version_0/checkpoints/last.ckpt")
     assert resume.untrained_note({"ckpt_path": None, "model": {"init_args": {"model_path": "hf/dir"}}}) is None
+
+
+def test_new_learning_rate_and_weight_decay_apply_on_resume(tmp_path, caplog):
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from callbacks.resume_settings import OptimizerSettingsOnResume
+
+    class Scheduled(BoringModel):
+        def __init__(self, lr, wd):
+            super().__init__()
+            self.lr, self.wd = lr, wd
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.wd)
+            return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1)),
+                            "interval": "step"}]
+
+    def fit(module, steps, ckpt=None):
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                            callbacks=[OptimizerSettingsOnResume()])
+        trainer.fit(module, ckpt_path=ckpt)
+        return trainer
+
+    first = fit(Scheduled(0.1, 0.0), 3)
+    first.save_checkpoint(tmp_path / "a.ckpt")
+    with caplog.at_level("INFO"):
+        second = fit(Scheduled(0.5, 0.2), 5, tmp_path / "a.ckpt")
+    group = second.optimizers[0].param_groups[0]
+    assert group["weight_decay"] == 0.2 and group["initial_lr"] == 0.5
+    assert group["lr"] == pytest.approx(0.5 / 6)  # the new peak under the schedule at step 5
+    assert "optimizer 0 group 0 weight_decay: checkpoint 0.0, now 0.2" in caplog.text
