@@ -1,7 +1,10 @@
 """Prompts with checkable reference answers for RL with verifiable rewards (GRPO): local JSONL or synthetic tasks.
 
 Accepted JSONL forms (one per file):
-- GSM8K form: ``{"question": ..., "answer": "... #### 72"}``; the reference is the number after ``####``.
+- GSM8K form: ``{"question": ..., "answer": "... #### 72"}``; the reference is the number after ``####``,
+  checked at load with the reward's own parser: thousands commas, a currency sign, a percent sign and unit words
+  are dropped (``#### 18 dollars`` -> ``18``), a fraction ``a/b`` is kept as its value; anything else (``3 or 4``)
+  is an error naming the file and line, since no completion could ever match it.
 - QA form: ``{"question": ..., "answers": ["Paris", "paris, france"]}``; any accepted answer counts.
 """
 
@@ -19,9 +22,18 @@ from datamodules.generated import generate_once, keyed_dir
 from datamodules.holdout import holdout_split
 from datamodules.jsonl_records import DataError, read_instruction_file, read_jsonl
 from datamodules.resumable_sampler import resumable_sampler
-from datamodules.rewards import BUILTIN_REWARDS, RewardFn, extract_gsm8k_answer
+from datamodules.rewards import BUILTIN_REWARDS, RewardFn, normalize_reference
 from datamodules.synthetic_tasks import TASKS, make_problems
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
+
+
+def _text(value) -> str | None:
+    """A string field's text; a number (``0`` included) as its JSON text; anything else ``None``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return json.dumps(value)
+    return None
 
 
 def read_verifiable_file(path: str | Path) -> tuple[str, list[tuple[str, dict]]]:
@@ -40,16 +52,22 @@ def read_verifiable_file(path: str | Path) -> tuple[str, list[tuple[str, dict]]]
             raise DataError(f"{where}: record is in {this} form but the file started in {form} form; use one form")
         form = this
         if form == "gsm8k":
-            reference = record["answer"]
-            number = extract_gsm8k_answer(reference, "strict") if isinstance(reference, str) else None
-            if number is None:
-                raise DataError(f"{where}: 'answer' must end with '#### <number>' (GSM8K form), got {reference!r}")
-            rows.append((where, {"question": question, "answer": reference.rsplit("####", 1)[1].strip()}))
+            reference = _text(record["answer"])
+            if reference is None or "####" not in reference:
+                raise DataError(f"{where}: 'answer' must end with '#### <number>' (GSM8K form), got "
+                                f"{record['answer']!r}")
+            try:
+                number = normalize_reference(reference.rsplit("####", 1)[1])
+            except ValueError as err:
+                raise DataError(f"{where}: 'answer': {err}; no completion could match it. Write one number after "
+                                "'####'") from err
+            rows.append((where, {"question": question, "answer": number}))
         else:
             answers = record["answers"]
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise DataError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")
-            rows.append((where, {"question": question, "answers": answers}))
+            texts = [_text(a) for a in answers] if isinstance(answers, list) else []
+            if not texts or any(t is None or not t.strip() for t in texts):
+                raise DataError(f"{where}: 'answers' must be a non-empty list of strings, none blank; got {answers!r}")
+            rows.append((where, {"question": question, "answers": texts}))
     return form, rows
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -18,6 +20,7 @@ from callbacks.exact_resume import ExactResume
 from callbacks.finite_loss import FiniteLossGuard
 from callbacks.periodic_checkpoint import PeriodicLastCheckpoint
 from callbacks.preemption import Preempted, PreemptionCheckpoint
+from callbacks.progress import StepProgressBar
 from callbacks.resume_settings import OptimizerSettingsOnResume
 from callbacks.run_info import RunInfoLogger
 from recipes import resume
@@ -40,8 +43,9 @@ class RecipesCLI(LightningCLI):
     """LightningCLI in subclass mode, with the collection's loggers unless the config names its own.
 
     Every run also gets :class:`RunInfoLogger` (seed and library versions), :class:`FiniteLossGuard` (stop at the
-    first NaN/inf loss) and :class:`ExactResume` (global random states restored on resume; the data modules'
-    resumable sampler restores the batch position), and its log directory is checked for write access and free
+    first NaN/inf loss), :class:`ExactResume` (global random states restored on resume; the data modules'
+    resumable sampler restores the batch position), Lightning's ``LearningRateMonitor`` (``optim/lr/<group>``
+    every logged step) and :class:`StepProgressBar`, and its log directory is checked for write access and free
     space before training. Interruptions (docs/interruptions.md): checkpoints are written atomically
     (:class:`AtomicCheckpointIO`), ``last.ckpt`` is saved periodically (:class:`PeriodicLastCheckpoint`) and on
     SIGTERM/SIGUSR1/SIGINT (:class:`PreemptionCheckpoint`), a fit that gets no batch is an error
@@ -56,8 +60,9 @@ class RecipesCLI(LightningCLI):
         # a misspelled option must be an error, not silently read as an abbreviation of a longer one
         kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})  # subcommand parsers inherit it
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
-                                                             EmptyFitGuard(), PreemptionCheckpoint(),
-                                                             OptimizerSettingsOnResume()]})
+                                                             LearningRateMonitor(logging_interval="step"),
+                                                             StepProgressBar(), EmptyFitGuard(),
+                                                             PreemptionCheckpoint(), OptimizerSettingsOnResume()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -84,6 +89,8 @@ class RecipesCLI(LightningCLI):
             self.config[sub]["ckpt_path"] = self.resume_plan.path
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
+            if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints
+                warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -97,6 +104,10 @@ class RecipesCLI(LightningCLI):
         if config["trainer"].get("logger") in (None, True):
             kwargs["logger"] = default_loggers(root, name, config["wandb"], config["wandb_project"],
                                                version=self.resume_plan.version)
+        unused = (LearningRateMonitor,) if config["trainer"].get("logger") is False else ()  # nothing to log to
+        unused += (StepProgressBar,) if config["trainer"].get("enable_progress_bar") is False else ()
+        defaults = self.trainer_defaults
+        defaults["callbacks"] = [c for c in defaults["callbacks"] if not isinstance(c, unused)]
         plugins = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"].get("plugins")
         plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -124,8 +135,17 @@ def recipe_summaries() -> dict[str, str]:
     return out
 
 
+def quiet_third_party_warnings() -> None:
+    """Hide deprecation notices raised inside libraries we depend on, about calls we do not make ourselves."""
+    # Lightning's own pytree helper builds torch's LeafSpec, which recent torch releases deprecate
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # peft's LoRA wrapper asks transformers 5 for `is_gradient_checkpointing`, which transformers 5 deprecates
+    warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line."""
+    quiet_third_party_warnings()
     args = argv
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["list"]:
@@ -139,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         from recipes.demo import run_demo
 
         run_demo(argv[1:])
+        return
+    if argv[:1] in (["restore"], ["diversity"]):  # Selective Layer Restoration and its diversity evaluation
+        import importlib
+        importlib.import_module(f"recipes.{argv[0]}").main(argv[1:])
         return
     try:
         cli = RecipesCLI(args=args)

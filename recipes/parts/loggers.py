@@ -72,9 +72,9 @@ def default_loggers(root: str | Path, name: str, wandb: str = "offline", project
     """A versioned ``CSVLogger`` (first, so ``trainer.log_dir`` is unique per run) plus a ``WandbLogger``.
 
     W&B files go inside the CSV run directory, so the config each run saves never collides with another
-    run's (the clash of ``SaveConfigCallback`` writing one ``config.yaml`` shared by every W&B run).
-    ``version`` (``version_N``) continues that existing run folder: its ``metrics.csv`` goes on from the step
-    reached and W&B resumes the same run id.
+    run's. The CSV writer is created first, while that directory is still empty. ``version`` (``version_N``)
+    continues that existing run folder: its ``metrics.csv`` goes on from the step reached and W&B resumes the
+    same run id.
     """
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb must be one of {WANDB_MODES}, got {wandb!r}")
@@ -82,11 +82,21 @@ def default_loggers(root: str | Path, name: str, wandb: str = "offline", project
                   else ContinuingCSVLogger(save_dir=str(root), name=name, version=version))
     loggers: list[Logger] = [csv_logger]
     if wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
+        _ = csv_logger.experiment  # creates the run directory (rank zero) before W&B writes into it
         run_dir = Path(csv_logger.log_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        loggers.append(WandbLogger(project=project, name=f"{name}/{run_dir.name}", save_dir=str(run_dir),
-                                   offline=wandb == "offline", id=wandb_run_id(run_dir), resume="allow"))
+        run_dir.mkdir(parents=True, exist_ok=True)  # other ranks: W&B's own directory argument must exist
+        loggers.append(_WandbLogger(project=project, name=f"{name}/{run_dir.name}", save_dir=str(run_dir),
+                                    offline=wandb == "offline", id=wandb_run_id(run_dir), resume="allow"))
     return loggers
+
+
+class _WandbLogger(WandbLogger):
+    """``WandbLogger`` minus the ``anonymous`` setting: Lightning always passes it and recent W&B releases warn that
+    it has no effect."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        getattr(self, "_wandb_init", {}).pop("anonymous", None)
 
 
 def check_log_dir(root: str | Path, min_free_mb: int = 100) -> None:
