@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -21,6 +22,7 @@ from callbacks.finite_loss import FiniteLossGuard
 from callbacks.periodic_checkpoint import PeriodicLastCheckpoint
 from callbacks.preemption import Preempted, PreemptionCheckpoint
 from callbacks.progress import StepProgressBar
+from callbacks.resume_settings import OptimizerSettingsOnResume
 from callbacks.run_info import RunInfoLogger
 from recipes import resume
 from recipes.parts.loggers import check_log_dir, default_loggers
@@ -61,7 +63,7 @@ class RecipesCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
                                                              LearningRateMonitor(logging_interval="step"),
                                                              StepProgressBar(), EmptyFitGuard(),
-                                                             PreemptionCheckpoint()]})
+                                                             PreemptionCheckpoint(), OptimizerSettingsOnResume()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -88,6 +90,8 @@ class RecipesCLI(LightningCLI):
             self.config[sub]["ckpt_path"] = self.resume_plan.path
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
+            if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints
+                warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
 
     def instantiate_classes(self) -> None:
         """Build the configured classes; a class's own argument error comes out as itself (its type and message
@@ -119,8 +123,10 @@ class RecipesCLI(LightningCLI):
         unused += (StepProgressBar,) if own_bar or config["trainer"].get("enable_progress_bar") is False else ()
         defaults = self.trainer_defaults
         defaults["callbacks"] = [c for c in defaults["callbacks"] if not isinstance(c, unused)]
-        if not config["trainer"].get("plugins"):
-            kwargs["plugins"] = [AtomicCheckpointIO()]
+        plugins = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"].get("plugins")
+        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         if self.subcommand == "fit":
             periodic = PeriodicLastCheckpoint(config["last_ckpt_every_minutes"], config["last_ckpt_every_steps"])
             self.trainer_defaults = {**self.trainer_defaults,
