@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -35,7 +36,7 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update({"cli": self.parser.dump(self.config, skip_none=False)},
+                logger.experiment.config.update({"cli": self.parser.dump(self.config, skip_unset=False)},
                                                 allow_val_change=True)
 
 
@@ -92,6 +93,18 @@ class RecipesCLI(LightningCLI):
             if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints
                 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
 
+    def instantiate_classes(self) -> None:
+        """Build the configured classes; a class's own argument error comes out as itself (its type and message
+        last on the screen), not wrapped in jsonargparse's dump of every type the value was tried against."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = argument_error(err)
+            if cause is err:
+                raise
+            print(f"Error in the run's configuration: {type(cause).__name__}: {cause}\n", file=sys.stderr)
+            raise cause from None
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config["trainer"].get("default_root_dir") or "runs"
@@ -104,8 +117,10 @@ class RecipesCLI(LightningCLI):
         if config["trainer"].get("logger") in (None, True):
             kwargs["logger"] = default_loggers(root, name, config["wandb"], config["wandb_project"],
                                                version=self.resume_plan.version)
+        given = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
         unused = (LearningRateMonitor,) if config["trainer"].get("logger") is False else ()  # nothing to log to
-        unused += (StepProgressBar,) if config["trainer"].get("enable_progress_bar") is False else ()
+        unused += (StepProgressBar,) if own_bar or config["trainer"].get("enable_progress_bar") is False else ()
         defaults = self.trainer_defaults
         defaults["callbacks"] = [c for c in defaults["callbacks"] if not isinstance(c, unused)]
         plugins = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"].get("plugins")
@@ -126,6 +141,17 @@ class RecipesCLI(LightningCLI):
         return Path(str(paths[-1])).stem if paths else "run"
 
 
+def argument_error(err: BaseException) -> BaseException:
+    """The first exception in ``err``'s chain of causes that was raised outside jsonargparse (by a class)."""
+    current: BaseException | None = err
+    while current is not None:
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and "jsonargparse" not in Path(frames[-1].filename).parts:
+            return current
+        current = current.__cause__
+    return err
+
+
 def recipe_summaries() -> dict[str, str]:
     """Each recipe YAML's name and its first comment line."""
     out = {}
@@ -141,6 +167,8 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     # peft's LoRA wrapper asks transformers 5 for `is_gradient_checkpointing`, which transformers 5 deprecates
     warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+    # LightningCLI calls jsonargparse APIs that jsonargparse 4.49 deprecates (shown only when -W asks for them)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
 
 
 def main(argv: list[str] | None = None) -> None:
