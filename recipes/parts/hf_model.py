@@ -55,3 +55,22 @@ def enable_activation_checkpointing(model: PreTrainedModel, use_reentrant: bool 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_sequence_lengths(model: PreTrainedModel, lengths: dict[str, int]) -> None:
+    """``ValueError`` naming each ``argument: length`` longer than the model's positions (its config's
+    ``max_position_embeddings`` / ``n_positions``), before a library fails on a position it has no embedding for."""
+    config = model.config
+    limit = next(((key, getattr(config, key)) for key in POSITION_KEYS
+                  if isinstance(getattr(config, key, None), int) and getattr(config, key) > 0), None)
+    if limit is None:
+        return
+    key, positions = limit
+    too_long = {name: n for name, n in lengths.items() if n > positions}
+    if too_long:
+        listed = "; ".join(f"{name} = {n}" for name, n in too_long.items())
+        raise ValueError(f"{listed}: longer than the model's {key}={positions} token positions; expected at most "
+                         f"{positions}. Lower it, or use a model (model_config) with more positions")
