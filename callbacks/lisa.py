@@ -26,6 +26,7 @@ Requirements:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -86,8 +87,13 @@ class LISA(Callback):
             raise ValueError(f"interval must be a positive number of optimizer steps, got {interval}")
         if weights is not None:
             weights = [float(w) for w in weights]
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+            if not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(f"weights must be finite and non-negative, got {weights}")
+            positive = sum(w > 0 for w in weights)
+            if positive < n_layers:
+                raise ValueError(f"weights has {positive} positive entries ({weights}) but n_layers={n_layers} blocks "
+                                 "are drawn at a time without replacement, so a zero-weight block would be trained; "
+                                 f"expected at least {n_layers} positive weights, or a smaller n_layers")
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if sampling == "importance" and weights is not None:
