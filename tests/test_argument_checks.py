@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+import transformers
 
 from callbacks.lisa import LISA
 from callbacks.owlore import OwLore
@@ -17,7 +18,7 @@ from recipes.cli import CONFIG_DIR, main
 from recipes.grpo import GRPOModule
 from recipes.mae_pretrain import MAEPretrainModule
 from recipes.parts.mae_masking import random_masking
-from tests.conftest import TinyModule, tiny_loader
+from tests.conftest import VOCAB, TinyModule, tiny_loader
 from tests.sampling_helpers import trainer
 
 TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
@@ -77,11 +78,28 @@ def test_owlore_scores_file_and_scores_checked(tmp_path, scores, match):
         OwLore(n_layers=2, scores=scores)
 
 
+class TinyGPT2(L.LightningModule):
+    """GPT-2 blocks hold transformers' Conv1D layers, not nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+        self.model = transformers.GPT2LMHeadModel(cfg)
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
 def test_owlore_names_blocks_without_linear_layers(tmp_path):
     with pytest.raises(ValueError, match=r"block 0 \(model.transformer.h.0, GPT2Block\) has none: its weight layers "
                                          r"are \['Conv1D'\]"):
-        trainer([OwLore(n_layers=1, galore=False)], 1, tmp_path).fit(TinyModule("gpt2", layers=2),
-                                                                     tiny_loader("gpt2", batches=1))
+        trainer([OwLore(n_layers=1, galore=False)], 1, tmp_path).fit(TinyGPT2(), tiny_loader(batches=1))
 
 
 def fit_one_step(tmp_path, module, data):
@@ -110,7 +128,7 @@ def test_data_module_sizes_are_checked():
         VerifiableQADataModule(sft_batch_size=0)
 
 
-def test_cli_shows_the_callbacks_own_error_first(tmp_path, capsys, monkeypatch, cli_argv):
+def test_cli_shows_the_callbacks_own_error_first(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"weights has 1 positive entries") as info:
         main(["fit", "--config", str(CONFIG_DIR / "lisa_sft.yaml"), "--wandb=disabled",
