@@ -46,7 +46,7 @@ CASES = [pytest.param(path, precision, id=f"{path.stem}-{precision}",
 
 
 @pytest.mark.parametrize(("path", "precision"), CASES)
-def test_recipe_trains_in_bf16(path: Path, precision: str, tmp_path, monkeypatch):
+def test_recipe_trains_in_bf16(path: Path, precision: str, tmp_path, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["recipes"])
     args = ["--config", str(path), f"--trainer.default_root_dir={tmp_path / 'runs'}", *SMOKE_ARGS,
