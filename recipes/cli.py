@@ -6,13 +6,15 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.exact_resume import ExactResume
 from callbacks.finite_loss import FiniteLossGuard
 from callbacks.run_info import RunInfoLogger
-from recipes.parts.loggers import check_log_dir, default_loggers
+from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
+from recipes.parts.progress import RecipesProgressBar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -23,8 +25,8 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update({"cli": self.parser.dump(self.config, skip_none=False)},
-                                                allow_val_change=True)
+                nested = yaml.safe_load(self.parser.dump(self.config, skip_none=False))  # filterable keys
+                logger.experiment.config.update(nested, allow_val_change=True)
 
 
 class RecipesCLI(LightningCLI):
@@ -42,7 +44,8 @@ class RecipesCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 42)
         # a misspelled option must be an error, not silently read as an abbreviation of a longer one
         kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})  # subcommand parsers inherit it
-        kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume()]})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
+                                                             RecipesProgressBar()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -60,8 +63,22 @@ class RecipesCLI(LightningCLI):
         root = config["trainer"].get("default_root_dir") or "runs"
         check_log_dir(root, config["min_free_mb"])
         if config["trainer"].get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"], config["wandb_project"])
+            ckpt = config.get("ckpt_path")
+            if self.subcommand in ("validate", "test") and ckpt and Path(ckpt).is_file():  # beside the training run
+                kwargs["logger"] = eval_loggers(config["ckpt_path"], self.subcommand, config["wandb"],
+                                                config["wandb_project"])
+            else:
+                kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"],
+                                                   config["wandb_project"])
         return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.trainer.global_step == 0 or subcommand != "fit":  # a failed start leaves no empty run folder
+                remove_unused_run_dir(self.trainer.loggers)
+            raise
 
     @staticmethod
     def _run_name(config) -> str:
@@ -80,16 +97,50 @@ def recipe_summaries() -> dict[str, str]:
     return out
 
 
+def resolve_config(value: str) -> str:
+    """A ``--config`` value: an existing file as given, else the packaged recipe of that name (``lisa_sft``)."""
+    if Path(value).exists() or value.lstrip().startswith("{"):
+        return value
+    packaged = CONFIG_DIR / Path(value).name
+    for candidate in (packaged, packaged.with_suffix(".yaml")):
+        if candidate.is_file():
+            return str(candidate)
+    return value
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config NAME`` / ``--config=NAME`` resolved by :func:`resolve_config`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
+    return out
+
+
+def print_recipes() -> None:
+    """``list``: each recipe with its summary, and where the YAMLs are (to run by name or copy)."""
+    summaries = recipe_summaries()
+    width = max(map(len, summaries), default=0)
+    for name, line in summaries.items():
+        print(f"{name:<{width}}  {line}")
+    print(f"\nThe YAMLs are in {CONFIG_DIR}")
+    print("Run one by name or path: python -m recipes fit --config <name>  (or layerwise fit --config <name>);"
+          " copy one from there to change it.")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; ``argv`` defaults to the command line."""
+    """Entry point (``python -m recipes`` and the ``layerwise`` command); ``argv`` defaults to the command line."""
+    argv = resolve_config_args(sys.argv[1:] if argv is None else argv)
     args = argv
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["list"]:
-        summaries = recipe_summaries()
-        width = max(map(len, summaries), default=0)
-        for name, line in summaries.items():
-            print(f"{name:<{width}}  {line}")
-        print("\nRun one with: python -m recipes fit --config recipes/configs/<name>.yaml")
+        print_recipes()
+        return
+    if argv[:1] == ["export"]:
+        from recipes.export import main as export_main
+
+        export_main(argv[1:])
         return
     if argv[:1] == ["demo"]:
         from recipes.demo import run_demo

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
+from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier
 from recipes.parts.grpo_loss import (
     AGGREGATIONS,
     SCALES,
@@ -65,6 +67,7 @@ class GRPOModule(L.LightningModule):
             of stopping the run.
         max_grad_norm: gradient clipping (manual optimization: ``trainer.gradient_clip_val`` must stay unset).
         val_max_new_tokens: greedy answer budget in validation (``val/accuracy``).
+        zero_reward_patience: warn when every reward of this many consecutive rollout batches is 0.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class GRPOModule(L.LightningModule):
         drop_bad_rewards: bool = False,
         max_grad_norm: float | None = 1.0,
         val_max_new_tokens: int | None = None,
+        zero_reward_patience: int = 10,
     ) -> None:
         super().__init__()
         if num_generations < 2:
@@ -116,7 +120,10 @@ class GRPOModule(L.LightningModule):
         self._answer_mask_terms: set[str] = set()
         self._reference: list[torch.nn.Module] = []  # a list keeps the frozen copy out of state_dict and optimizer
         self._sft_done = False
+        self._sft_loaded = False
         self._verifier: RewardFn | None = None
+        self._sft_data_hparams: dict | None = None  # what the sft_checkpoint was trained on
+        self._zero_rewards = ZeroRewardStreak(zero_reward_patience)
 
     # --------------------------------------------------------------------------------------------- model
     @property
@@ -124,27 +131,40 @@ class GRPOModule(L.LightningModule):
         return self.hparams.mu * self.hparams.num_mini_batches
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        tokenizer = module_tokenizer(self)
+        """Build the policy. Under a trainer the ``sft_checkpoint`` weights are loaded at fit start (unless a GRPO
+        checkpoint is restored), so validating or resuming a GRPO checkpoint never needs the SFT file."""
+        if self.model is not None or (self.tokenizer is None and self._trainer is None):
+            return  # without a tokenizer yet (load_from_checkpoint), on_load_checkpoint builds it
         hp = self.hparams
-        state = None
-        config = hp.model_config
-        if hp.sft_checkpoint is not None:
-            ckpt = torch.load(hp.sft_checkpoint, map_location="cpu", weights_only=False)
-            state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-            sft_hp = ckpt.get("hyper_parameters", {})
-            if hp.model_path is None and config is None:
-                config = sft_hp.get("model_config")
-                if sft_hp.get("model_path"):
-                    hp.model_path = sft_hp["model_path"]
-        model = build_causal_lm(hp.model_path, config, tokenizer)
-        if state is not None:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{hp.sft_checkpoint} does not match the model (LoRA checkpoints must be merged "
-                                 f"first): missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self.model = model
+        if hp.sft_checkpoint is not None and hp.model_path is None and hp.model_config is None:
+            if not Path(hp.sft_checkpoint).is_file() and self._trainer is not None:
+                return  # built in on_load_checkpoint from the GRPO checkpoint's own hyper-parameters
+            sft_hp = self._read_sft_checkpoint()["hyper_parameters"]
+            hp.model_config = sft_hp.get("model_config")  # saved with this module's checkpoints
+            hp.model_path = sft_hp.get("model_path")
+        self.model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
+        if self._trainer is None:
+            self._load_sft_state()
+
+    def _read_sft_checkpoint(self) -> dict:
+        path = self.hparams.sft_checkpoint
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"sft_checkpoint {path} does not exist (a CausalLMModule checkpoint)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt.setdefault("hyper_parameters", {})
+        return ckpt
+
+    def _load_sft_state(self) -> None:
+        if self.hparams.sft_checkpoint is None or self._sft_loaded:
+            return
+        ckpt = self._read_sft_checkpoint()
+        self._sft_data_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{self.hparams.sft_checkpoint} does not match the model (LoRA checkpoints must be "
+                             f"merged first): missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self._sft_loaded = True
 
     def register_loss_term(self, name: str, fn: LossTerm, needs_answer_mask: bool = False) -> None:
         """Add ``fn(PolicyTokens) -> loss`` (or ``(loss, {metric: value})``) to every mini-batch's loss.
@@ -161,9 +181,17 @@ class GRPOModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._sft_done = checkpoint.get("grpo_sft_done", False)
+        self._sft_loaded = True  # the checkpoint holds the weights
+        if self.tokenizer is None and self._trainer is None:  # load_from_checkpoint
+            self.tokenizer = load_tokenizer(checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer", "char"))
+        if self.model is None:
+            saved = checkpoint.get("hyper_parameters", {})
+            self.hparams.model_config = self.hparams.model_config or saved.get("model_config")
+            self.hparams.model_path = self.hparams.model_path or saved.get("model_path")
         self.configure_model()
 
     def on_fit_start(self) -> None:
+        self._load_sft_state()
         if self.hparams.sft_steps > 0 and not self._sft_done:
             self._sft_warmup()
         self._sft_done = True
@@ -171,6 +199,8 @@ class GRPOModule(L.LightningModule):
             reference = copy.deepcopy(self.model).eval().requires_grad_(False)
             self._reference.append(reference)
         self._verifier = self.trainer.datamodule.reward_fn()
+        if self.hparams.sft_checkpoint and self.reward_funcs is None:
+            check_sft_fits_verifier(self._sft_data_hparams, self._verifier, self.hparams.sft_checkpoint)
 
     def _sft_warmup(self) -> None:
         """Supervised warm-up on the data module's ``sft`` split: response-token cross-entropy, AdamW, fixed LR."""
@@ -340,6 +370,7 @@ class GRPOModule(L.LightningModule):
         cmf = cmask.float()
         seq_logp = (old_logp * cmf).sum(1) / cmf.sum(1).clamp(min=1)
         ok = valid
+        self._zero_rewards.update(bool((rewards[ok] == 0).all()))
         metrics = {
             "grpo/reward_mean": rewards[ok].mean() if ok.any() else torch.zeros(()),
             "grpo/reward_std": rewards[ok].std() if ok.sum() > 1 else torch.zeros(()),

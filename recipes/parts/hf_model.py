@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -28,7 +30,14 @@ def build_causal_lm(model_path: str | None, model_config: dict | None,
     """A local ``from_pretrained`` directory, or a random-init model from ``AutoConfig.for_model`` arguments
     (``model_type`` plus fields; ``vocab_size`` from the tokenizer). Never touches the network."""
     if model_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+        if not Path(model_path).exists():
+            try:  # a model id already in the local Hugging Face cache still loads
+                model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise FileNotFoundError(f"model_path {model_path!r} does not exist: pass a local directory saved with "
+                                        "save_pretrained() (nothing is downloaded)") from err
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
     else:
         cfg = dict(model_config or DEFAULT_MODEL_CONFIG)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,

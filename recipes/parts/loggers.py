@@ -11,22 +11,72 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-def default_loggers(root: str | Path, name: str, wandb: str = "offline", project: str = "layerwise-recipes") -> list:
-    """A versioned ``CSVLogger`` (first, so ``trainer.log_dir`` is unique per run) plus a ``WandbLogger``.
+def claim_run_dir(parent: str | Path, prefix: str = "version_") -> Path:
+    """Create and return ``parent/<prefix><n>`` for the next free ``n``.
 
-    W&B files go inside the CSV run directory, so the config each run saves never collides with another
-    run's (the clash of ``SaveConfigCallback`` writing one ``config.yaml`` shared by every W&B run).
+    The folder is claimed with an exclusive ``mkdir``, so two runs started at the same moment never share one.
     """
-    if wandb not in WANDB_MODES:
-        raise ValueError(f"wandb must be one of {WANDB_MODES}, got {wandb!r}")
-    csv = CSVLogger(save_dir=str(root), name=name)
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        taken = [int(p.name[len(prefix):]) for p in parent.iterdir() if p.name.startswith(prefix)
+                 and p.name[len(prefix):].isdigit()]
+        path = parent / f"{prefix}{max(taken, default=-1) + 1}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue  # another run took it between the listing and the mkdir
+
+
+def default_loggers(root: str | Path, name: str, wandb: str = "offline", project: str = "layerwise-recipes") -> list:
+    """A ``CSVLogger`` in a freshly claimed ``root/name/version_N`` plus a ``WandbLogger`` (group ``name/version_N``).
+
+    W&B files go inside the run directory, so the config each run saves never collides with another run's.
+    """
+    _check_mode(wandb)
+    run_dir = claim_run_dir(Path(root) / name)
+    version = int(run_dir.name.removeprefix("version_"))
+    return _loggers(CSVLogger(save_dir=str(root), name=name, version=version), f"{name}/{run_dir.name}", wandb,
+                    project, job_type="fit")
+
+
+def eval_loggers(ckpt_path: str | Path, stage: str, wandb: str = "offline",
+                 project: str = "layerwise-recipes") -> list:
+    """Loggers for ``validate``/``test`` of a checkpoint: ``<run dir>/eval/<stage>_N`` inside the checkpoint's run
+    folder (the folder above ``checkpoints/``), and a W&B run in the same group as the training run."""
+    _check_mode(wandb)
+    ckpt_path = Path(ckpt_path)
+    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    eval_dir = claim_run_dir(run_dir / "eval", prefix=f"{stage}_")
+    group = f"{run_dir.parent.name}/{run_dir.name}"
+    csv = CSVLogger(save_dir=str(run_dir), name="eval", version=eval_dir.name)
+    return _loggers(csv, group, wandb, project, job_type=stage, run_name=f"{group}/{eval_dir.name}")
+
+
+def _loggers(csv: CSVLogger, group: str, wandb: str, project: str, job_type: str,
+             run_name: str | None = None) -> list[Logger]:
     loggers: list[Logger] = [csv]
     if wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
-        run_dir = Path(csv.log_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        loggers.append(WandbLogger(project=project, name=f"{name}/{run_dir.name}", save_dir=str(run_dir),
-                                   offline=wandb == "offline"))
+        loggers.append(WandbLogger(project=project, name=run_name or group, group=group, job_type=job_type,
+                                   save_dir=csv.log_dir, offline=wandb == "offline"))
     return loggers
+
+
+def _check_mode(wandb: str) -> None:
+    if wandb not in WANDB_MODES:
+        raise ValueError(f"wandb must be one of {WANDB_MODES}, got {wandb!r}")
+
+
+def remove_unused_run_dir(loggers: list[Logger]) -> None:
+    """Delete the run folder of a run that failed before its first optimizer step (it holds no results)."""
+    csv = next((lg for lg in loggers if isinstance(lg, CSVLogger)), None)
+    if csv is None:
+        return
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish(exit_code=1, quiet=True)
+    shutil.rmtree(csv.log_dir, ignore_errors=True)
 
 
 def check_log_dir(root: str | Path, min_free_mb: int = 100) -> None:
