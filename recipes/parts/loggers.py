@@ -75,7 +75,7 @@ def remove_unused_run_dir(loggers: list[Logger]) -> None:
         return
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish(exit_code=1, quiet=True)
+            logger.experiment.finish(exit_code=1)
     shutil.rmtree(csv.log_dir, ignore_errors=True)
 
 
