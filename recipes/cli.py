@@ -70,14 +70,16 @@ class RecipesCLI(LightningCLI):
             else:
                 kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"],
                                                    config["wandb_project"])
+            self.own_run_dir = kwargs["logger"][0].log_dir  # claimed for this run
         return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
-            if self.trainer.global_step == 0 or subcommand != "fit":  # a failed start leaves no empty run folder
-                remove_unused_run_dir(self.trainer.loggers)
+            own = getattr(self, "own_run_dir", None)
+            if own and (self.trainer.global_step == 0 or subcommand != "fit"):  # a failed start leaves no folder
+                remove_unused_run_dir(own, self.trainer.loggers)
             raise
 
     @staticmethod

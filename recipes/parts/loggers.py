@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -35,6 +36,8 @@ def default_loggers(root: str | Path, name: str, wandb: str = "offline", project
     W&B files go inside the run directory, so the config each run saves never collides with another run's.
     """
     _check_mode(wandb)
+    if _rank() != 0:  # other DDP ranks never write; the trainer broadcasts rank 0's log_dir
+        return _loggers(CSVLogger(save_dir=str(root), name=name), name, wandb, project, job_type="fit")
     run_dir = claim_run_dir(Path(root) / name)
     version = int(run_dir.name.removeprefix("version_"))
     return _loggers(CSVLogger(save_dir=str(root), name=name, version=version), f"{name}/{run_dir.name}", wandb,
@@ -48,6 +51,8 @@ def eval_loggers(ckpt_path: str | Path, stage: str, wandb: str = "offline",
     _check_mode(wandb)
     ckpt_path = Path(ckpt_path)
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    if _rank() != 0:
+        return _loggers(CSVLogger(save_dir=str(run_dir), name="eval", version=stage), "", wandb, project, stage)
     eval_dir = claim_run_dir(run_dir / "eval", prefix=f"{stage}_")
     group = f"{run_dir.parent.name}/{run_dir.name}"
     csv = CSVLogger(save_dir=str(run_dir), name="eval", version=eval_dir.name)
@@ -63,20 +68,24 @@ def _loggers(csv: CSVLogger, group: str, wandb: str, project: str, job_type: str
     return loggers
 
 
+def _rank() -> int:
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def _check_mode(wandb: str) -> None:
     if wandb not in WANDB_MODES:
         raise ValueError(f"wandb must be one of {WANDB_MODES}, got {wandb!r}")
 
 
-def remove_unused_run_dir(loggers: list[Logger]) -> None:
-    """Delete the run folder of a run that failed before its first optimizer step (it holds no results)."""
-    csv = next((lg for lg in loggers if isinstance(lg, CSVLogger)), None)
-    if csv is None:
+def remove_unused_run_dir(run_dir: str | Path, loggers: list[Logger]) -> None:
+    """Delete ``run_dir``, claimed by :func:`default_loggers` for a run that failed before its first optimizer
+    step (it holds no results); its W&B run is closed first."""
+    if _rank() != 0:
         return
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish(exit_code=1)
-    shutil.rmtree(csv.log_dir, ignore_errors=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def check_log_dir(root: str | Path, min_free_mb: int = 100) -> None:
