@@ -1,4 +1,4 @@
-"""Peak memory, optimizer-state bytes and step time of full FT, LoRA, LISA and OwLore, one process per method.
+"""Peak memory, optimizer-state bytes and step time of full FT, LoRA, LISA, OwLore, BAdam, one process per method.
 
     python benchmarks/layer_sampling_memory.py [--quick] [--device cuda --precision bf16-true]
 
@@ -7,9 +7,10 @@ the smallest shape on a 2-core CPU where, as in a 7B model, the blocks hold ~95%
 AdamW state of full fine-tuning (8 bytes/parameter) dominates the activations. Each method runs in its own
 process (so peak RSS is its own); memory is the peak RSS above the RSS after imports (CPU), or the CUDA peak.
 Methods: full fine-tuning (AdamW), LoRA r=8 on all linear layers (peft), LISA with 2 blocks (with and
-without the embedding), OwLore with 2 blocks and GaLore rank hidden/16 (the 7B scripts' 256/4096). LISA
-re-samples every 2 steps (every step with --quick), so a run has more than 10 switches. Prints one JSON line:
-raw figures per method and ratios to full FT.
+without the embedding), OwLore with 2 blocks and GaLore rank hidden/16 (the 7B scripts' 256/4096), BAdam with
+one block at a time and nothing else trainable (its optimizer state must be 8 bytes per parameter of the active
+block). LISA and BAdam switch every 2 steps (every step with --quick), so a run has more than 10 switches.
+Prints one JSON line: raw figures per method and ratios to full FT.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-METHODS = ("full", "lora", "lisa", "lisa_frozen_embedding", "owlore")
+METHODS = ("full", "lora", "lisa", "lisa_frozen_embedding", "owlore", "badam")
 
 
 def rss_bytes() -> int:
@@ -43,6 +44,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     import transformers
     from torch.utils.data import DataLoader, TensorDataset
 
+    from callbacks.badam import BAdam
     from callbacks.core.galore import GaLoreAdamW
     from callbacks.lisa import LISA, optimizer_state_bytes
     from callbacks.owlore import OwLore
@@ -81,6 +83,8 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     sampler = None
     if method.startswith("lisa"):
         sampler = LISA(n_layers=2, interval=args.interval, train_embedding=method == "lisa")
+    elif method == "badam":
+        sampler = BAdam(interval=args.interval, order="descending")
     elif method == "owlore":
         sampler = OwLore(n_layers=2, interval=args.interval, calibration_batches=1)
 
@@ -165,6 +169,10 @@ def main() -> None:
         lisa = results["lisa"]
         summary["lisa_state_vs_adamw_expected"] = round(lisa["optimizer_state_bytes_max"]
                                                         / lisa["adamw_expected_bytes"], 4)
+    if "badam" in results:  # one block: 8 bytes per parameter, plus a 4-byte step per tensor
+        badam = results["badam"]
+        summary["badam_state_vs_adamw_expected"] = round(badam["optimizer_state_bytes_max"]
+                                                         / badam["adamw_expected_bytes"], 4)
     if {"lisa_frozen_embedding", "lora"} <= results.keys():
         summary["lisa_frozen_embedding_peak_vs_lora"] = round(results["lisa_frozen_embedding"]["peak_memory_bytes"]
                                                               / results["lora"]["peak_memory_bytes"], 3)

@@ -10,12 +10,15 @@ _EXPORTS = {
     "ModelParts": "callbacks.core.blocks",
     "LISA": "callbacks.lisa",
     "OwLore": "callbacks.owlore",
+    "BAdam": "callbacks.badam",
+    "LayerDiagnostics": "callbacks.layer_diagnostics",
     "ProgressiveLayerDrop": "callbacks.layer_drop",
     "LLDS": "callbacks.llds",
     "MAEReconstructionLogger": "callbacks.mae_reconstruction",
     "FiniteLossGuard": "callbacks.finite_loss",
     "RunInfoLogger": "callbacks.run_info",
     "ExactResume": "callbacks.exact_resume",
+    "StepProgressBar": "callbacks.progress",
 }
 __all__ = list(_EXPORTS)
 

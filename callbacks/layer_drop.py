@@ -12,9 +12,7 @@ so the lowest blocks are almost always kept and the top block is kept with proba
 block is not computed at all (no forward, no backward): that is where the time goes. A kept block's residual
 branch is scaled by ``1 / p_l`` so the expected output matches the full model; for a Pre-LN block
 ``y = x + f(x)`` this is ``x + (y - x) / p_l``. Evaluation and prediction run every block, unscaled.
-
-The reference code (DeepSpeed's BERT) draws with ``p_l`` but rescales with ``p_{l+1}``; we use the same
-``p_l`` for both (the paper's formula).
+The same ``p_l`` is used for the draw and for the rescaling (the paper's eq. 6).
 """
 
 from __future__ import annotations

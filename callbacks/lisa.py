@@ -4,10 +4,15 @@ Every ``interval`` optimizer steps, ``n_layers`` of the L transformer blocks are
 made trainable; the always-on parts (input embedding, output head, final norm, and any parameter outside the
 blocks) train all the time (the paper's Algorithm 1, "E+H+gamma L").
 
-Unlike the reference callbacks (LMFlow, axolotl, ms-swift), the optimizer state of a block is dropped when the
-block is deactivated, so optimizer memory is bounded by the trainable-now parameters and never grows with the
-number of switches; a block sampled again starts with fresh moments (the per-interval restart the authors used).
-A block that is drawn again at the next interval, while still active, keeps its moments.
+The optimizer state of a block is dropped when the block is deactivated, so optimizer memory is bounded by the
+trainable-now parameters and never grows with the number of switches; a block sampled again starts with fresh
+moments (the per-interval restart the authors used). A block that is drawn again at the next interval, while
+still active, keeps its moments.
+
+``sampling="importance"`` draws block l with probability proportional to a score measured once at fit start on
+the first training batches (model in eval mode, no grad), the way OwLore uses outlier scores: the block influence
+BI_l = 1 - mean_t cos(h_in, h_out) (ShortGPT, arXiv 2403.03853) or the relative contribution
+||h_out - h_in|| / ||h_in|| (arXiv 2505.13898); blocks that change the residual stream more train more often.
 
 Requirements:
     * The optimizer must be built over all parameters (``CausalLMModule`` does this). The callback freezes only
@@ -31,6 +36,9 @@ from torch import nn
 from typing_extensions import override
 
 from callbacks.core.blocks import ModelParts, find_blocks
+from callbacks.core.layer_stats import METRICS, forward_batch, probe_blocks, token_mask
+
+SAMPLINGS = ("uniform", "importance")
 
 
 class LISA(Callback):
@@ -44,9 +52,18 @@ class LISA(Callback):
         train_head: keep the output head trainable (a tied head follows the embedding).
         train_norm: keep the final norm trainable.
         weights: fixed per-block sampling weights (any non-negative numbers, normalised); ``None`` is uniform.
+        sampling: ``"uniform"`` (or ``weights``), or ``"importance"``: weights measured at fit start, block l
+            drawn with probability proportional to ``importance_metric`` (see
+            :mod:`callbacks.core.layer_stats`) on ``importance_batches`` training batches.
+        importance_metric: ``"block_influence"`` (1 - cos(h_in, h_out)) or ``"contribution"``
+            (||h_out - h_in|| / ||h_in||).
+        importance_batches: training batches the importance is averaged over.
+        train_other: keep parameters outside the blocks that are none of the above trainable.
         seed: seed of the sampling generator (the same on every rank).
         blocks_path: dotted path to the blocks for models :func:`~callbacks.core.blocks.find_blocks` does not know.
     """
+
+    log_prefix = "lisa"  # metrics: <log_prefix>/block_<i> = 1 while block i trains
 
     def __init__(
         self,
@@ -58,6 +75,10 @@ class LISA(Callback):
         weights: Sequence[float] | None = None,
         seed: int = 0,
         blocks_path: str | None = None,
+        sampling: str = "uniform",
+        importance_metric: str = "block_influence",
+        importance_batches: int = 1,
+        train_other: bool = True,
     ) -> None:
         if n_layers < 1:
             raise ValueError(f"n_layers must be at least 1, got {n_layers}")
@@ -67,12 +88,25 @@ class LISA(Callback):
             weights = [float(w) for w in weights]
             if any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if sampling == "importance" and weights is not None:
+            raise ValueError("sampling='importance' measures its own weights: leave weights unset")
+        if importance_metric not in METRICS:
+            raise ValueError(f"importance_metric must be one of {METRICS}, got {importance_metric!r}")
+        if importance_batches < 1:
+            raise ValueError(f"importance_batches must be at least 1, got {importance_batches}")
         self.n_layers = n_layers
         self.interval = interval
         self.train_embedding = train_embedding
         self.train_head = train_head
         self.train_norm = train_norm
         self.weights = weights
+        self.sampling = sampling
+        self.importance_metric = importance_metric
+        self.importance_batches = importance_batches
+        self.importance: list[float] | None = None  # measured at fit start with sampling="importance"
+        self.train_other = train_other
         self.seed = seed
         self.blocks_path = blocks_path
         self.generator = torch.Generator().manual_seed(seed)
@@ -95,7 +129,7 @@ class LISA(Callback):
         # parameters frozen before we start (e.g. by the user) stay frozen
         self._block_params = [[p for p in block.parameters() if p.requires_grad] for block in parts.blocks]
         off = [part for part, on in (("embedding", self.train_embedding), ("head", self.train_head),
-                                     ("final_norm", self.train_norm)) if not on]
+                                     ("final_norm", self.train_norm), ("other", self.train_other)) if not on]
         off_names = [n for part in off for n in parts.part_names(part)]
         outside = [named[n] for n in parts.embedding + parts.head + parts.final_norm + parts.other]
         self._frozen_parts = [named[n] for n in off_names if named[n].requires_grad]
@@ -123,6 +157,10 @@ class LISA(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.sampling == "importance" and self.importance is None:  # a resumed run keeps its measured weights
+            self.importance = self._measure_importance(trainer, pl_module)
+            rank_zero_info(f"{type(self).__name__}: {self.importance_metric} per block (sampling weights): "
+                           + ", ".join(f"{v:.4f}" for v in self.importance))
         # the optimizer exists (and a resumed state is loaded): freeze everything but the restored active set
         for index in range(len(self._block_params)):
             self._set_block(trainer, index, index in self.active)
@@ -136,9 +174,31 @@ class LISA(Callback):
     # ------------------------------------------------------------------------------------------- sampling
     def sampling_weights(self, num_blocks: int) -> torch.Tensor:
         """Per-block sampling weights (uniform unless ``weights`` was given)."""
+        if self.importance is not None:
+            weights = torch.tensor(self.importance, dtype=torch.float64).nan_to_num(0.0).clamp_min(0.0)
+            if int((weights > 0).sum()) < self.n_layers:  # drawing without replacement needs n_layers candidates
+                weights = weights + 1e-6
+            return weights
         if self.weights is None:
             return torch.ones(num_blocks, dtype=torch.float64)
         return torch.tensor(self.weights, dtype=torch.float64)
+
+    def _measure_importance(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
+        """Mean of ``importance_metric`` per block over the first ``importance_batches`` training batches."""
+        totals = torch.zeros(len(self.parts), dtype=torch.float64)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.random.fork_rng(devices=[]):  # iterating the loader must not shift the training data order
+            for i, batch in enumerate(trainer.train_dataloader):
+                if i == self.importance_batches:
+                    break
+                batch = trainer.strategy.batch_to_device(batch)
+                stats, _ = probe_blocks(self.parts.blocks, lambda b=batch: forward_batch(pl_module, b),
+                                        token_mask(batch))
+                totals += torch.tensor(stats[self.importance_metric], dtype=torch.float64)
+        pl_module.train(was_training)
+        values = (totals / self.importance_batches).tolist()
+        return trainer.strategy.broadcast(values, src=0)  # every rank samples with rank 0's measurement
 
     def draw(self, num_blocks: int) -> list[int]:
         """Draw ``n_layers`` distinct blocks with probabilities proportional to :meth:`sampling_weights`."""
@@ -152,8 +212,8 @@ class LISA(Callback):
         if step % self.interval == 0 and step != self.sampled_at:
             self.switch(trainer, self.draw(len(self._block_params)))
             self.sampled_at = step
-        pl_module.log_dict({f"lisa/block_{i}": float(i in self.active) for i in range(len(self._block_params))},
-                           on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log_dict({f"{self.log_prefix}/block_{i}": float(i in self.active)
+                            for i in range(len(self._block_params))}, on_step=True, on_epoch=False, batch_size=1)
 
     def switch(self, trainer: L.Trainer, new_active: list[int]) -> None:
         """Deactivate blocks leaving the active set (dropping their optimizer state), activate the new ones."""
@@ -163,7 +223,7 @@ class LISA(Callback):
         for index in new_active:
             self._set_block(trainer, index, True)
         self.active = list(new_active)
-        rank_zero_info(f"LISA: step {trainer.global_step}: training blocks {self.active}")
+        rank_zero_info(f"{type(self).__name__}: step {trainer.global_step}: training blocks {self.active}")
 
     def _set_block(self, trainer: L.Trainer, index: int, trainable: bool) -> None:
         for param in self._block_params[index]:
@@ -180,13 +240,15 @@ class LISA(Callback):
     # ---------------------------------------------------------------------------------------- checkpoint
     @override
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "active": list(self.active), "sampled_at": self.sampled_at}
+        return {"generator": self.generator.get_state(), "active": list(self.active), "sampled_at": self.sampled_at,
+                "importance": self.importance}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.generator.set_state(state_dict["generator"])
         self.active = list(state_dict["active"])
         self.sampled_at = int(state_dict["sampled_at"])
+        self.importance = state_dict.get("importance")
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

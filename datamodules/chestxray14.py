@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from datamodules.generated import generate_once, keyed_dir
 from datamodules.jsonl_records import DataError
 from datamodules.phantom_cxr import NIH_LABELS, write_phantom_nih
 from datamodules.xray_dataset import RAND_AUGMENT, BadInput, XrayDataModule, XrayRecord, check_images, patient_split
@@ -90,7 +91,8 @@ class ChestXray14DataModule(XrayDataModule):
 
     Args:
         root: the NIH folder (``Data_Entry_2017.csv``, ``train_val_list.txt``, ``test_list.txt``, ``images*/``).
-            ``None`` writes the synthetic phantom set to ``phantom_dir`` and reads it back through this loader.
+            ``None`` writes the synthetic phantom set into a subfolder of ``phantom_dir`` keyed by its settings
+            (written once, atomically; see ``datamodules.generated``) and reads it back through this loader.
         image_size: side of the network input in pixels.
         in_chans: 1 (gray) or 3 (gray replicated, as ImageNet-shaped checkpoints expect).
         mode: ``finetune`` (RandAugment) or ``pretrain`` (MAE crops; labels still returned).
@@ -136,13 +138,18 @@ class ChestXray14DataModule(XrayDataModule):
     @property
     def data_root(self) -> Path:
         hp = self.hparams
-        return Path(hp.root) if hp.root is not None else Path(hp.phantom_dir)
+        return Path(hp.root) if hp.root is not None else keyed_dir(hp.phantom_dir, "nih", self._phantom_key())
+
+    def _phantom_key(self) -> dict:
+        hp = self.hparams
+        return {"n_patients": hp.phantom_patients, "image_size": hp.phantom_image_size, "seed": hp.seed}
 
     def prepare_data(self) -> None:
         hp = self.hparams
         if hp.root is None:
-            write_phantom_nih(hp.phantom_dir, n_patients=hp.phantom_patients, image_size=hp.phantom_image_size,
-                              seed=hp.seed)
+            generate_once(hp.phantom_dir, "nih", self._phantom_key(),
+                          lambda d: write_phantom_nih(d, n_patients=hp.phantom_patients,
+                                                      image_size=hp.phantom_image_size, seed=hp.seed))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from datamodules.generated import generate_once, keyed_dir
 from datamodules.jsonl_records import DataError
 from datamodules.phantom_cxr import CHEXPERT_LABELS, write_phantom_chexpert
 from datamodules.xray_dataset import RAND_AUGMENT, BadInput, XrayDataModule, XrayRecord, check_images, patient_split
@@ -85,7 +86,8 @@ class CheXpertDataModule(XrayDataModule):
 
     Args:
         root: the CheXpert folder (``CheXpert-v1.0-small`` or ``CheXpert-v1.0``) holding ``train.csv``/``valid.csv``.
-            ``None`` writes the phantom set into ``phantom_dir`` and reads it back through this loader.
+            ``None`` writes the phantom set into a subfolder of ``phantom_dir`` keyed by its settings (written
+            once, atomically) and reads it back through this loader.
         labels: observation columns; default the 5 competition labels, ``"all"`` for the 14 observations.
         uncertainty: ``None`` = the paper's default (U-Ones for Edema and Atelectasis, U-Zeros for the rest), one of
             ``ones``/``zeros``/``ignore`` for every label, or a dict label -> policy overriding the default.
@@ -132,13 +134,20 @@ class CheXpertDataModule(XrayDataModule):
     @property
     def data_root(self) -> Path:
         hp = self.hparams
-        return Path(hp.root) if hp.root is not None else Path(hp.phantom_dir) / "CheXpert-v1.0-small"
+        if hp.root is not None:
+            return Path(hp.root)
+        return keyed_dir(hp.phantom_dir, "chexpert", self._phantom_key()) / "CheXpert-v1.0-small"
+
+    def _phantom_key(self) -> dict:
+        hp = self.hparams
+        return {"n_patients": hp.phantom_patients, "image_size": hp.phantom_image_size, "seed": hp.seed}
 
     def prepare_data(self) -> None:
         hp = self.hparams
         if hp.root is None:
-            write_phantom_chexpert(hp.phantom_dir, n_patients=hp.phantom_patients, image_size=hp.phantom_image_size,
-                                   seed=hp.seed)
+            generate_once(hp.phantom_dir, "chexpert", self._phantom_key(),
+                          lambda d: write_phantom_chexpert(d, n_patients=hp.phantom_patients,
+                                                           image_size=hp.phantom_image_size, seed=hp.seed))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt
+from datamodules.generated import generate_once, keyed_dir
 from datamodules.holdout import holdout_split
 from datamodules.jsonl_records import read_instruction_file
 from datamodules.resumable_sampler import resumable_sampler
@@ -29,7 +30,8 @@ class InstructionDataModule(L.LightningDataModule):
         batch_size: per-device batch size.
         val_fraction: share of ``train_file`` held out when no ``val_file`` is given.
         seed: seed of the train/val split and of the synthetic problems.
-        synthetic_dir: where the synthetic splits are written.
+        synthetic_dir: where the synthetic splits are written (into a subfolder keyed by format, size, seed and
+            tasks, written once and atomically, so concurrent runs share it safely).
         synthetic_format: ``chat``, ``alpaca`` or ``gsm8k``: the form the synthetic files are written in.
         synthetic_train_size: number of synthetic training problems (validation and test get 200 each).
         synthetic_tasks: which of addition, reversal, sorting to generate.
@@ -65,15 +67,22 @@ class InstructionDataModule(L.LightningDataModule):
         require_chat_template(self.tokenizer, f"{tokenizer!r}")
         self.datasets: dict[str, list[dict]] = {}
 
+    def _synthetic_key(self) -> dict:
+        hp = self.hparams
+        return {"format": hp.synthetic_format, "n_train": hp.synthetic_train_size, "seed": hp.seed,
+                "tasks": list(hp.synthetic_tasks)}
+
     def synthetic_paths(self) -> dict[str, Path]:
-        d = Path(self.hparams.synthetic_dir) / self.hparams.synthetic_format
+        """The synthetic splits, in a folder of ``synthetic_dir`` keyed by format, size, seed and tasks."""
+        d = keyed_dir(self.hparams.synthetic_dir, self.hparams.synthetic_format, self._synthetic_key())
         return {split: d / f"{split}.jsonl" for split in ("train", "val", "test")}
 
     def prepare_data(self) -> None:
         if self.hparams.train_file is None:
             hp = self.hparams
-            write_synthetic_splits(self.synthetic_paths()["train"].parent, hp.synthetic_format,
-                                   n_train=hp.synthetic_train_size, seed=hp.seed, tasks=tuple(hp.synthetic_tasks))
+            generate_once(hp.synthetic_dir, hp.synthetic_format, self._synthetic_key(),
+                          lambda d: write_synthetic_splits(d, hp.synthetic_format, n_train=hp.synthetic_train_size,
+                                                           seed=hp.seed, tasks=tuple(hp.synthetic_tasks)))
 
     def files(self) -> dict[str, str | Path | None]:
         hp = self.hparams

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sized
 from contextlib import contextmanager
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
@@ -41,15 +42,19 @@ class ResumableSampler(DistributedSampler):
 
 @contextmanager
 def seeded_rng(seed: int):
-    """Run a block with the global ``torch`` and ``random`` generators seeded, restoring their state afterwards."""
-    state = random.getstate()
+    """Run a block with every global generator a transform may draw from seeded from ``seed``: Python's
+    ``random``, NumPy's global generator (timm's RandAugment picks its operations with ``np.random.choice``) and
+    torch's CPU generator. Their states are restored afterwards, so the block changes no other random stream."""
+    py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random.seed(seed)
+        np.random.seed([seed % 2**32, seed // 2**32 % 2**32])
         try:
             yield
         finally:
-            random.setstate(state)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def apply_seeded(transform: Callable, value, seed: int | None):

@@ -1,8 +1,8 @@
 """Verifiable rewards: GSM8K numeric match, normalized QA exact match, and the guard that calls any reward function.
 
-A reward function is a plain callable ``fn(prompts, completions, **columns) -> list[float]`` (the convention of
-TRL's ``reward_funcs``): ``columns`` are the data module's per-prompt reference columns (``answer`` for GSM8K form,
-``answers`` for QA form), repeated for every completion.
+A reward function is a plain callable ``fn(prompts, completions, **columns) -> list[float]``: ``columns`` are the
+data module's per-prompt reference columns (``answer`` for GSM8K form, ``answers`` for QA form), repeated for every
+completion.
 """
 
 from __future__ import annotations
@@ -16,17 +16,30 @@ from dataclasses import dataclass
 import torch
 
 RewardFn = Callable[..., list[float]]
-_STRICT = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
-_NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*|[-+]?\.\d+")
+# A number as a completion writes it: optional sign and currency sign, digits with optional thousands commas and
+# decimals, optionally a fraction ``a/b``.
+_NUM = r"[-+]?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?"
+_STRICT = re.compile(r"####\s*(" + _NUM + ")")
+_NUMBER = re.compile(_NUM)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+# A reference answer: one number (thousands commas only in groups of three), optionally with a currency sign before
+# it and a percent sign or unit words after it ("18 dollars", "$1,200", "1/2", "45%").
+_REFERENCE = re.compile(
+    r"(?P<sign>[-+]?)\s*[$\u20ac\u00a3\u00a5]?\s*(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+"
+    r"|\d+/\d+)\s*(?P<unit>%|[^\W\d_][^\d]*)?")
 
 
 def parse_number(text: str) -> float | None:
-    """``"1,234"`` -> 1234.0, ``"-5."`` -> -5.0; ``None`` when ``text`` is not a number."""
-    text = text.replace(",", "").strip().rstrip(".")
+    """``"1,234"`` -> 1234.0, ``"-5."`` -> -5.0, ``"$3"`` -> 3.0, ``"1/2"`` -> 0.5; ``None`` when not a number."""
+    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
     try:
-        value = float(text)
-    except ValueError:
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            value = float(numerator) / float(denominator)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
         return None
     return value if math.isfinite(value) else None
 
@@ -36,6 +49,7 @@ def extract_gsm8k_answer(text: str, mode: str = "strict") -> float | None:
 
     ``strict``: the number after the last ``#### `` marker (the GSM8K convention); no marker -> ``None``.
     ``flexible``: the last number anywhere in the text (lm-evaluation-harness's flexible extract).
+    Numbers may carry thousands commas, a ``$`` and be a fraction ``a/b``.
     """
     if mode == "strict":
         found = _STRICT.findall(text)
@@ -46,17 +60,54 @@ def extract_gsm8k_answer(text: str, mode: str = "strict") -> float | None:
     return parse_number(found[-1]) if found else None
 
 
+def normalize_reference(text: str) -> str:
+    """The reference answer of a GSM8K-form record (the text after ``####``) as the plain number the reward
+    compares with: thousands commas, a currency sign, a percent sign and trailing unit words are dropped
+    (``"$1,200"`` -> ``"1200"``, ``"18 dollars"`` -> ``"18"``, ``"1/2"`` stays a fraction worth 0.5).
+
+    Raises ``ValueError`` saying why when the text is not exactly one such number (``"3 or 4"``, ``"2:30"``,
+    ``"3,5"``), because no completion could ever match it; the result is checked with the reward's own parser.
+    """
+    match = _REFERENCE.fullmatch(text.strip().rstrip(".").strip())
+    if match is None:
+        raise ValueError(f"the reference {text.strip()!r} is not one number (optionally with thousands commas, a "
+                         "currency sign, a fraction a/b, a percent sign or unit words after it)")
+    number = match.group("sign") + match.group("num").replace(",", "")
+    if "/" in number and parse_number(number) is None:
+        raise ValueError(f"the reference {text.strip()!r} divides by zero")
+    if extract_gsm8k_answer(f"#### {number}", "strict") != parse_number(number):
+        raise ValueError(f"the reference {text.strip()!r} cannot be matched by the reward's number parser")
+    return number
+
+
+def reference_value(reference: str) -> float:
+    """The number a reference stands for (see :func:`normalize_reference`); ``ValueError`` when it has none."""
+    value = parse_number(normalize_reference(str(reference)))
+    if value is None:
+        raise ValueError(f"the reference {reference!r} is not a number")
+    return value
+
+
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalization: lower case, no punctuation, no articles (a, an, the), single spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    """SQuAD-style normalization: lower case, no punctuation, no articles (a, an, the), single spaces.
+
+    The normalization never empties a non-blank text: when dropping articles would leave nothing (a
+    multiple-choice answer ``A``, a title ``The The``), articles are kept; when dropping punctuation would leave
+    nothing (``?``), punctuation is kept too. A blank text normalizes to ``""``, which matches nothing.
+    """
+    lowered = text.lower()
+    no_punct = " ".join("".join(ch for ch in lowered if ch not in _PUNCTUATION).split())
+    squad = " ".join(_ARTICLES.sub(" ", no_punct).split())
+    return squad or no_punct or " ".join(lowered.split())
 
 
 @dataclass
 class GSM8KReward:
-    """1.0 when the completion's number equals the reference ``answer`` column (commas stripped), else 0.0."""
+    """1.0 when the completion's number equals the reference ``answer`` column, else 0.0.
+
+    A reference that is not one number (see :func:`normalize_reference`) raises ``ValueError`` instead of
+    scoring every completion 0; ``VerifiableQADataModule`` checks every reference when it loads the file.
+    """
 
     mode: str = "strict"
 
@@ -69,22 +120,28 @@ class GSM8KReward:
                  **columns) -> list[float]:
         out = []
         for completion, reference in zip(completions, answer, strict=True):
-            got, want = extract_gsm8k_answer(completion, self.mode), parse_number(reference)
-            out.append(float(got is not None and want is not None and got == want))
+            got = extract_gsm8k_answer(completion, self.mode)
+            out.append(float(got is not None and got == reference_value(reference)))
         return out
 
 
 @dataclass
 class QAExactMatch:
-    """1.0 when the normalized completion equals any normalized accepted answer (``answers`` column), else 0.0."""
+    """1.0 when the normalized completion equals any normalized accepted answer (``answers`` column), else 0.0.
+
+    A blank completion never matches, and blank accepted answers are ignored (see :func:`normalize_answer`).
+    """
 
     def __post_init__(self) -> None:
         self.__name__ = "qa_exact_match"
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[Sequence[str]],
                  **columns) -> list[float]:
-        return [float(normalize_answer(c) in {normalize_answer(a) for a in accepted})
-                for c, accepted in zip(completions, answers, strict=True)]
+        out = []
+        for completion, accepted in zip(completions, answers, strict=True):
+            key = normalize_answer(completion)
+            out.append(float(bool(key) and key in {normalize_answer(str(a)) for a in accepted}))
+        return out
 
 
 BUILTIN_REWARDS: dict[str, Callable[[], RewardFn]] = {

@@ -1,7 +1,10 @@
 """Prompts with checkable reference answers for RL with verifiable rewards (GRPO): local JSONL or synthetic tasks.
 
 Accepted JSONL forms (one per file):
-- GSM8K form: ``{"question": ..., "answer": "... #### 72"}``; the reference is the number after ``####``.
+- GSM8K form: ``{"question": ..., "answer": "... #### 72"}``; the reference is the number after ``####``,
+  checked at load with the reward's own parser: thousands commas, a currency sign, a percent sign and unit words
+  are dropped (``#### 18 dollars`` -> ``18``), a fraction ``a/b`` is kept as its value; anything else (``3 or 4``)
+  is an error naming the file and line, since no completion could ever match it.
 - QA form: ``{"question": ..., "answers": ["Paris", "paris, france"]}``; any accepted answer counts.
 """
 
@@ -15,12 +18,22 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt, pad
+from datamodules.generated import generate_once, keyed_dir
 from datamodules.holdout import holdout_split
 from datamodules.jsonl_records import DataError, read_instruction_file, read_jsonl
 from datamodules.resumable_sampler import resumable_sampler
-from datamodules.rewards import BUILTIN_REWARDS, RewardFn, extract_gsm8k_answer
+from datamodules.rewards import BUILTIN_REWARDS, RewardFn, normalize_reference
 from datamodules.synthetic_tasks import TASKS, make_problems
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
+
+
+def _text(value) -> str | None:
+    """A string field's text; a number (``0`` included) as its JSON text; anything else ``None``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return json.dumps(value)
+    return None
 
 
 def read_verifiable_file(path: str | Path) -> tuple[str, list[tuple[str, dict]]]:
@@ -39,16 +52,22 @@ def read_verifiable_file(path: str | Path) -> tuple[str, list[tuple[str, dict]]]
             raise DataError(f"{where}: record is in {this} form but the file started in {form} form; use one form")
         form = this
         if form == "gsm8k":
-            reference = record["answer"]
-            number = extract_gsm8k_answer(reference, "strict") if isinstance(reference, str) else None
-            if number is None:
-                raise DataError(f"{where}: 'answer' must end with '#### <number>' (GSM8K form), got {reference!r}")
-            rows.append((where, {"question": question, "answer": reference.rsplit("####", 1)[1].strip()}))
+            reference = _text(record["answer"])
+            if reference is None or "####" not in reference:
+                raise DataError(f"{where}: 'answer' must end with '#### <number>' (GSM8K form), got "
+                                f"{record['answer']!r}")
+            try:
+                number = normalize_reference(reference.rsplit("####", 1)[1])
+            except ValueError as err:
+                raise DataError(f"{where}: 'answer': {err}; no completion could match it. Write one number after "
+                                "'####'") from err
+            rows.append((where, {"question": question, "answer": number}))
         else:
             answers = record["answers"]
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise DataError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")
-            rows.append((where, {"question": question, "answers": answers}))
+            texts = [_text(a) for a in answers] if isinstance(answers, list) else []
+            if not texts or any(t is None or not t.strip() for t in texts):
+                raise DataError(f"{where}: 'answers' must be a non-empty list of strings, none blank; got {answers!r}")
+            rows.append((where, {"question": question, "answers": texts}))
     return form, rows
 
 
@@ -131,16 +150,23 @@ class VerifiableQADataModule(L.LightningDataModule):
         self.datasets: dict[str, list[dict]] = {}
         self.form: str | None = None
 
+    def _synthetic_key(self) -> dict:
+        hp = self.hparams
+        return {"n_sft": hp.synthetic_sft_size, "n_train": hp.synthetic_train_size, "n_val": hp.synthetic_val_size,
+                "seed": hp.seed, "tasks": list(hp.synthetic_tasks), "max_digits": hp.synthetic_max_digits}
+
     def synthetic_paths(self) -> dict[str, Path]:
-        d = Path(self.hparams.synthetic_dir) / "verifiable"
+        """The synthetic splits, in a folder of ``synthetic_dir`` keyed by sizes, seed, tasks and digits."""
+        d = keyed_dir(self.hparams.synthetic_dir, "verifiable", self._synthetic_key())
         return {split: d / f"{split}.jsonl" for split in ("sft", "train", "val")}
 
     def prepare_data(self) -> None:
         hp = self.hparams
         if hp.train_file is None:
-            write_synthetic_rl_splits(self.synthetic_paths()["train"].parent, hp.synthetic_sft_size,
-                                      hp.synthetic_train_size, hp.synthetic_val_size, hp.seed,
-                                      tuple(hp.synthetic_tasks), hp.synthetic_max_digits)
+            generate_once(hp.synthetic_dir, "verifiable", self._synthetic_key(),
+                          lambda d: write_synthetic_rl_splits(d, hp.synthetic_sft_size, hp.synthetic_train_size,
+                                                              hp.synthetic_val_size, hp.seed,
+                                                              tuple(hp.synthetic_tasks), hp.synthetic_max_digits))
 
     def files(self) -> dict[str, str | Path | None]:
         hp = self.hparams
@@ -163,8 +189,23 @@ class VerifiableQADataModule(L.LightningDataModule):
         if files["sft"] is not None:
             self.datasets["sft"] = [encode_chat(self.tokenizer, messages, self.hparams.sft_max_length, where)
                                     for where, messages in read_instruction_file(files["sft"])]
+        if stage == "fit":
+            self._check_batches(files)
         rank_zero_info(f"Verifiable QA data ({self.form} form): "
                        + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items()))
+
+    def _check_batches(self, files: dict) -> None:
+        """Incomplete rollout / warm-up batches are dropped, so fewer samples per device than a batch is no batch."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        hp = self.hparams
+        for split, size, name in (("train", hp.batch_size, "batch_size"), ("sft", hp.sft_batch_size, "sft_batch_size")):
+            have = len(self.datasets.get(split, ()))
+            if split in self.datasets and have // world < size:
+                raise DataError(f"{files[split]}: {have} {split} samples"
+                                + (f" over {world} devices" if world > 1 else "")
+                                + f" make no complete batch of data.{name}={size} (incomplete batches are dropped), "
+                                f"so training would get no batch; lower data.{name} to at most {have // world} or "
+                                "add data")
 
     def messages(self, question: str) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.hparams.system_prompt}] if self.hparams.system_prompt else []

@@ -12,8 +12,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.tokenizer import load_tokenizer
-from recipes.parts.hf_model import build_causal_lm, module_tokenizer
-from recipes.parts.optim import decay_groups, warmup_cosine
+from recipes.parts.chunked_head import chunked_cross_entropy, last_hidden_state, split_lm
+from recipes.parts.hf_model import build_causal_lm, enable_activation_checkpointing, module_tokenizer
+from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
 
 
 @dataclass
@@ -39,6 +40,21 @@ class LoraSettings:
         return cls(**value)
 
 
+@dataclass
+class EvalTally:
+    """Running sums of one validation/test epoch on this rank."""
+
+    loss_sum: float = 0.0  # cross-entropy x response tokens
+    tokens: int = 0  # response tokens
+    correct: int = 0  # greedy answers equal to the reference
+    answered: int = 0  # answers generated
+    batches: int = 0
+
+    def sums(self) -> list[float]:
+        """The four sums that are added up over ranks."""
+        return [self.loss_sum, self.tokens, self.correct, self.answered]
+
+
 class CausalLMModule(L.LightningModule):
     """Supervised fine-tuning of a causal LM with the loss on response tokens.
 
@@ -56,6 +72,9 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: recompute block activations in backward (non-reentrant).
         exact_match_batches: validation/test batches on which greedy answers are generated for ``exact_match``.
         max_new_tokens: generation budget for exact-match answers.
+        loss_chunk_size: labelled positions projected through the output head at a time for the loss (fp32
+            full-vocabulary logits exist for one chunk only, in forward and backward; see
+            ``recipes.parts.chunked_head``); ``None`` computes the plain Hugging Face loss.
     """
 
     def __init__(
@@ -71,10 +90,13 @@ class CausalLMModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         exact_match_batches: int = 2,
         max_new_tokens: int = 16,
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be a positive integer or None, got {loss_chunk_size}")
         if model_path is not None and model_config is not None:
             raise ValueError("Give either model_path (a from_pretrained directory) or model_config, not both")
         self.lora = LoraSettings.parse(lora)
@@ -83,7 +105,7 @@ class CausalLMModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.model: torch.nn.Module | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = load_tokenizer(tokenizer_name) if tokenizer_name else None
-        self._tally: dict[str, list[float]] = {}
+        self._tally: dict[str, EvalTally] = {}
 
     # ----------------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -93,7 +115,7 @@ class CausalLMModule(L.LightningModule):
         hp = self.hparams
         model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
         if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if self.lora is not None:
             model = _apply_lora(model, self.lora)
         self.model = model
@@ -108,30 +130,35 @@ class CausalLMModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    def lm_loss(self, batch: dict) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled (response) tokens of ``batch``."""
+        chunk = self.hparams.loss_chunk_size
+        if chunk is None:
+            return self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False).loss
+        hidden = last_hidden_state(self.model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return chunked_cross_entropy(hidden[:, :-1], split_lm(self.model)[1], batch["labels"][:, 1:], chunk)
+
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        optimizer = self.optimizers(use_pl_optimizer=False)
-        for i, group in enumerate(optimizer.param_groups):
-            self.log(f"optim/lr_{group.get('name', i)}", group["lr"], batch_size=1)
-        return out.loss
+        loss = self.lm_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        out = self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False)
-        tally = self._tally[stage]  # [loss * tokens, tokens, correct answers, answers generated, batches]
+        loss = self.lm_loss(batch)
+        tally = self._tally[stage]
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        tally[0] += float(out.loss) * tokens
-        tally[1] += tokens
-        if "answers" in batch and tally[4] < self.hparams.exact_match_batches:
+        tally.loss_sum += float(loss) * tokens
+        tally.tokens += tokens
+        if "answers" in batch and tally.batches < self.hparams.exact_match_batches:
             answers = self.generate_answers(batch)
-            tally[2] += sum(p.strip() == a.strip() for p, a in zip(answers, batch["answers"], strict=True))
-            tally[3] += len(answers)
-        tally[4] += 1
+            tally.correct += sum(p.strip() == a.strip() for p, a in zip(answers, batch["answers"], strict=True))
+            tally.answered += len(answers)
+        tally.batches += 1
 
     def _end_eval(self, stage: str) -> None:
         """Token-weighted loss, perplexity and exact match, summed over ranks."""
-        totals = self.all_gather(torch.tensor(self._tally[stage][:4], dtype=torch.float64, device=self.device))
+        totals = self.all_gather(torch.tensor(self._tally[stage].sums(), dtype=torch.float64, device=self.device))
         if totals.ndim == 2:
             totals = totals.sum(0)
         loss = float(totals[0] / totals[1].clamp(min=1))
@@ -141,7 +168,7 @@ class CausalLMModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, sync_dist=True)  # already summed over ranks; silences the DDP warning
 
     def on_validation_epoch_start(self) -> None:
-        self._tally["val"] = [0.0, 0, 0, 0, 0]
+        self._tally["val"] = EvalTally()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -150,7 +177,7 @@ class CausalLMModule(L.LightningModule):
         self._end_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        self._tally["test"] = [0.0, 0, 0, 0, 0]
+        self._tally["test"] = EvalTally()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -172,15 +199,10 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(decay_groups(self.model))
         hp = self.hparams
-        total = int(self.trainer.estimated_stepping_batches)
-        if hp.lr_schedule == "cosine":
-            def factor(step: int) -> float:
-                return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        else:
-            def factor(step: int) -> float:
-                return min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else 1.0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        min_ratio = hp.min_lr_ratio if hp.lr_schedule == "cosine" else 1.0  # 1.0: constant after warm-up
+        scheduler = warmup_cosine_scheduler(optimizer, hp.warmup_steps, int(self.trainer.estimated_stepping_batches),
+                                            min_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 def _apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:

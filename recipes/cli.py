@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
 import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.core.atomic_checkpoint import AtomicCheckpointIO
+from callbacks.empty_fit import EmptyFitGuard
 from callbacks.exact_resume import ExactResume
 from callbacks.finite_loss import FiniteLossGuard
+from callbacks.periodic_checkpoint import PeriodicLastCheckpoint
+from callbacks.preemption import Preempted, PreemptionCheckpoint
+from callbacks.progress import StepProgressBar
 from callbacks.run_info import RunInfoLogger
+from recipes import resume
 from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
 from recipes.parts.progress import RecipesProgressBar
 
@@ -33,9 +43,14 @@ class RecipesCLI(LightningCLI):
     """LightningCLI in subclass mode, with the collection's loggers unless the config names its own.
 
     Every run also gets :class:`RunInfoLogger` (seed and library versions), :class:`FiniteLossGuard` (stop at the
-    first NaN/inf loss) and :class:`ExactResume` (global random states restored on resume; the data modules'
-    resumable sampler restores the batch position), and its log directory is checked for write access and free
-    space before training.
+    first NaN/inf loss), :class:`ExactResume` (global random states restored on resume; the data modules'
+    resumable sampler restores the batch position), Lightning's ``LearningRateMonitor`` (``optim/lr/<group>``
+    every logged step) and :class:`StepProgressBar`, and its log directory is checked for write access and free
+    space before training. Interruptions (docs/interruptions.md): checkpoints are written atomically
+    (:class:`AtomicCheckpointIO`), ``last.ckpt`` is saved periodically (:class:`PeriodicLastCheckpoint`) and on
+    SIGTERM/SIGUSR1/SIGINT (:class:`PreemptionCheckpoint`), a fit that gets no batch is an error
+    (:class:`EmptyFitGuard`), and ``--ckpt_path last|auto`` resumes in the same run folder under the rule of
+    :mod:`recipes.resume`.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -45,7 +60,9 @@ class RecipesCLI(LightningCLI):
         # a misspelled option must be an error, not silently read as an abbreviation of a longer one
         kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})  # subcommand parsers inherit it
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
-                                                             RecipesProgressBar()]})
+                                                             LearningRateMonitor(logging_interval="step"),
+                                                             RecipesProgressBar(), EmptyFitGuard(),
+                                                             PreemptionCheckpoint()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -57,20 +74,50 @@ class RecipesCLI(LightningCLI):
                             help="run name for the log directory (default: the config file's name)")
         parser.add_argument("--min_free_mb", type=int, default=100,
                             help="refuse to start when the log directory's disk has less free space than this")
+        parser.add_argument("--last_ckpt_every_minutes", type=float | None, default=15.0,
+                            help="save last.ckpt at least this often during fit (0/null: no time trigger)")
+        parser.add_argument("--last_ckpt_every_steps", type=int | None, default=1000,
+                            help="save last.ckpt at least every this many optimizer steps (0/null: no step trigger)")
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolves ``--ckpt_path last|auto`` and applies the resume rule of :mod:`recipes.resume`. Replaces
+        LightningCLI's version, which let the checkpoint's hyper-parameters silently override the config."""
+        self.resume_plan = resume.ResumePlan(None)
+        sub = self.config.get("subcommand")
+        if sub and "ckpt_path" in self.config[sub]:
+            self.resume_plan = resume.plan(self.config[sub], sub, self._run_name(self.config[sub]))
+            self.config[sub]["ckpt_path"] = self.resume_plan.path
+            for note in self.resume_plan.notes:
+                rank_zero_info(note)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config["trainer"].get("default_root_dir") or "runs"
         check_log_dir(root, config["min_free_mb"])
+        name = self._run_name(config)
+        self.untrained = resume.untrained_note(config) if self.subcommand in ("validate", "test") else None
+        if self.untrained:
+            rank_zero_warn(self.untrained)
+            name += "-untrained"
         if config["trainer"].get("logger") in (None, True):
             ckpt = config.get("ckpt_path")
             if self.subcommand in ("validate", "test") and ckpt and Path(ckpt).is_file():  # beside the training run
-                kwargs["logger"] = eval_loggers(config["ckpt_path"], self.subcommand, config["wandb"],
-                                                config["wandb_project"])
+                kwargs["logger"] = eval_loggers(ckpt, self.subcommand, config["wandb"], config["wandb_project"])
             else:
-                kwargs["logger"] = default_loggers(root, self._run_name(config), config["wandb"],
-                                                   config["wandb_project"])
-            self.own_run_dir = kwargs["logger"][0].log_dir  # claimed for this run
+                kwargs["logger"] = default_loggers(root, name, config["wandb"], config["wandb_project"],
+                                                   version=self.resume_plan.version)
+            if self.resume_plan.version is None:
+                self.own_run_dir = kwargs["logger"][0].log_dir  # claimed for this run
+        unused = (LearningRateMonitor,) if config["trainer"].get("logger") is False else ()  # nothing to log to
+        unused += (StepProgressBar,) if config["trainer"].get("enable_progress_bar") is False else ()
+        defaults = self.trainer_defaults
+        defaults["callbacks"] = [c for c in defaults["callbacks"] if not isinstance(c, unused)]
+        if not config["trainer"].get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        if self.subcommand == "fit":
+            periodic = PeriodicLastCheckpoint(config["last_ckpt_every_minutes"], config["last_ckpt_every_steps"])
+            self.trainer_defaults = {**self.trainer_defaults,
+                                     "callbacks": [*self.trainer_defaults.get("callbacks", []), periodic]}
         return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -132,21 +179,42 @@ def print_recipes() -> None:
           " copy one from there to change it.")
 
 
+def quiet_third_party_warnings() -> None:
+    """Hide deprecation notices raised inside libraries we depend on, about calls we do not make ourselves."""
+    # Lightning's own pytree helper builds torch's LeafSpec, which recent torch releases deprecate
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # peft's LoRA wrapper asks transformers 5 for `is_gradient_checkpointing`, which transformers 5 deprecates
+    warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point (``python -m recipes`` and the ``layerwise`` command); ``argv`` defaults to the command line."""
-    argv = resolve_config_args(sys.argv[1:] if argv is None else argv)
-    args = argv
+    quiet_third_party_warnings()
+    if argv is None:  # from the command line: resolved in place (LightningCLI then reads sys.argv, as DDP workers do)
+        sys.argv[1:] = argv = resolve_config_args(sys.argv[1:])
+        args = None
+    else:
+        argv = args = resolve_config_args(argv)
     if argv[:1] == ["list"]:
         print_recipes()
-        return
-    if argv[:1] == ["export"]:
-        from recipes.export import main as export_main
-
-        export_main(argv[1:])
         return
     if argv[:1] == ["demo"]:
         from recipes.demo import run_demo
 
         run_demo(argv[1:])
         return
-    RecipesCLI(args=args)
+    if argv[:1] in (["restore"], ["diversity"], ["export"]):  # layer restoration, diversity evaluation, export
+        import importlib
+        importlib.import_module(f"recipes.{argv[0]}").main(argv[1:])
+        return
+    try:
+        cli = RecipesCLI(args=args)
+    except Preempted as err:
+        if rank_zero_only.rank == 0:
+            print(f"Resume with:\n  {resume.resume_command(argv, err.path)}\n"
+                  "(or --ckpt_path auto, which picks the newest checkpoint of this run)", file=sys.stderr, flush=True)
+        raise
+    except SIGTERMException:  # Lightning's own SIGTERM stop (outside training) exits 0; a killed run must not
+        sys.exit(143)
+    if getattr(cli, "untrained", None):
+        rank_zero_warn(cli.untrained)

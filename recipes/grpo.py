@@ -9,7 +9,7 @@ optimizer steps, i.e. ``mu * num_mini_batches`` per rollout batch.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -19,9 +19,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from callbacks.core.policy_tokens import PolicyTokens
+from callbacks.finite_loss import NonFiniteLossError
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
-from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier
+from recipes.parts import answer_span
+from recipes.parts.chunked_head import chunked_token_logprobs, last_hidden_state, split_lm
+from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier, load_sft_state, read_sft_checkpoint
 from recipes.parts.grpo_loss import (
     AGGREGATIONS,
     SCALES,
@@ -34,7 +37,8 @@ from recipes.parts.grpo_loss import (
     token_logprobs,
 )
 from recipes.parts.hf_model import build_causal_lm, module_tokenizer
-from recipes.parts.optim import decay_groups
+from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
+from recipes.parts.rollout import Rollout
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -51,7 +55,7 @@ class GRPOModule(L.LightningModule):
             (the same response-only loss as ``CausalLMModule``), so a random-init model can produce answers.
         sft_lr: learning rate of that warm-up (AdamW).
         optimizer: the GRPO optimizer (AdamW by default) over the named groups ``decay`` / ``no_decay``.
-        warmup_steps: linear learning-rate warm-up in optimizer steps, then constant (as TRL's GRPO examples).
+        warmup_steps: linear learning-rate warm-up in optimizer steps, then constant.
         num_generations: G, completions per prompt.
         temperature / top_p / max_new_tokens: sampling settings of the rollouts.
         mu: optimizer passes over each rollout batch (1 = on-policy, the ratio is exactly 1).
@@ -67,6 +71,11 @@ class GRPOModule(L.LightningModule):
             of stopping the run.
         max_grad_norm: gradient clipping (manual optimization: ``trainer.gradient_clip_val`` must stay unset).
         val_max_new_tokens: greedy answer budget in validation (``val/accuracy``).
+        logprob_chunk_size: completion positions projected through the output head at a time when computing
+            log-probs and entropies (fp32 full-vocabulary logits exist for one chunk only, in forward and
+            backward; see ``recipes.parts.chunked_head``); ``None`` projects all positions of a pass at once.
+        logprob_batch_size: completions per forward of the no-grad old-policy and reference log-prob passes;
+            ``None`` uses the update mini-batch size (completions / ``num_mini_batches``).
         zero_reward_patience: warn when every reward of this many consecutive rollout batches is 0.
     """
 
@@ -95,6 +104,8 @@ class GRPOModule(L.LightningModule):
         drop_bad_rewards: bool = False,
         max_grad_norm: float | None = 1.0,
         val_max_new_tokens: int | None = None,
+        logprob_chunk_size: int | None = 512,
+        logprob_batch_size: int | None = None,
         zero_reward_patience: int = 10,
     ) -> None:
         super().__init__()
@@ -108,6 +119,9 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got {loss_aggregation!r}")
         if not (temperature > 0 and 0 < top_p <= 1):
             raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        for name, value in (("logprob_chunk_size", logprob_chunk_size), ("logprob_batch_size", logprob_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value}")
         if sum(x is not None for x in (model_path, model_config)) > 1:
             raise ValueError("Give at most one of model_path and model_config")
         self.save_hyperparameters(ignore=["optimizer", "reward_funcs"])
@@ -139,31 +153,16 @@ class GRPOModule(L.LightningModule):
         if hp.sft_checkpoint is not None and hp.model_path is None and hp.model_config is None:
             if not Path(hp.sft_checkpoint).is_file() and self._trainer is not None:
                 return  # built in on_load_checkpoint from the GRPO checkpoint's own hyper-parameters
-            sft_hp = self._read_sft_checkpoint()["hyper_parameters"]
+            sft_hp = read_sft_checkpoint(hp.sft_checkpoint)["hyper_parameters"]
             hp.model_config = sft_hp.get("model_config")  # saved with this module's checkpoints
             hp.model_path = sft_hp.get("model_path")
         self.model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
         if self._trainer is None:
             self._load_sft_state()
 
-    def _read_sft_checkpoint(self) -> dict:
-        path = self.hparams.sft_checkpoint
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"sft_checkpoint {path} does not exist (a CausalLMModule checkpoint)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        ckpt.setdefault("hyper_parameters", {})
-        return ckpt
-
     def _load_sft_state(self) -> None:
-        if self.hparams.sft_checkpoint is None or self._sft_loaded:
-            return
-        ckpt = self._read_sft_checkpoint()
-        self._sft_data_hparams = dict(ckpt.get("datamodule_hyper_parameters") or {})
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{self.hparams.sft_checkpoint} does not match the model (LoRA checkpoints must be "
-                             f"merged first): missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if self.hparams.sft_checkpoint is not None and not self._sft_loaded:
+            self._sft_data_hparams = load_sft_state(self.model, self.hparams.sft_checkpoint)
         self._sft_loaded = True
 
     def register_loss_term(self, name: str, fn: LossTerm, needs_answer_mask: bool = False) -> None:
@@ -205,6 +204,10 @@ class GRPOModule(L.LightningModule):
     def _sft_warmup(self) -> None:
         """Supervised warm-up on the data module's ``sft`` split: response-token cross-entropy, AdamW, fixed LR."""
         loader = self.trainer.datamodule.sft_dataloader()
+        if len(loader) == 0:
+            raise ValueError(f"the SFT warm-up data gives no batch ({len(loader.dataset)} samples, batch size "
+                             f"{loader.batch_size}, incomplete batches dropped); lower data.sft_batch_size or set "
+                             "model.sft_steps: 0")
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.sft_lr, betas=(0.9, 0.98))
         self.model.train()
         step, losses = 0, []
@@ -213,6 +216,12 @@ class GRPOModule(L.LightningModule):
                 batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   labels=batch["labels"], use_cache=False).loss
+                if not torch.isfinite(loss):
+                    last = f"{losses[-1]:.6g}" if losses else "none yet"
+                    raise NonFiniteLossError(
+                        f"SFT warm-up loss is {loss.item()} at warm-up step {step + 1}/{self.hparams.sft_steps} "
+                        f"(last finite loss {last}); no checkpoint was written. Lower model.sft_lr or check the "
+                        "sft data")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
                 optimizer.step()
@@ -259,6 +268,37 @@ class GRPOModule(L.LightningModule):
                        logits_to_keep=t + 1).logits
         return logits[:, :-1]
 
+    def completion_logprobs(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                            completion: torch.Tensor, cmask: torch.Tensor, entropy: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log pi(completion token | prefix) [N, T] at the sampling temperature, and (detached) entropies.
+
+        With ``logprob_chunk_size`` the decoder runs once and the head projects that many positions at a time.
+        """
+        hp = self.hparams
+        if hp.logprob_chunk_size is None:
+            logits = self.policy_logits(model, prompt_ids, prompt_mask, completion, cmask)
+            ent = None
+            if entropy:
+                with torch.no_grad():
+                    ent = token_entropy(logits, hp.temperature)
+            return token_logprobs(logits, completion, hp.temperature), ent
+        mask = torch.cat([prompt_mask, cmask], 1)
+        hidden = last_hidden_state(model, input_ids=torch.cat([prompt_ids, completion], 1), attention_mask=mask,
+                                   position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        t = completion.shape[1]
+        return chunked_token_logprobs(hidden[:, -t - 1:-1], split_lm(model)[1], completion, hp.temperature,
+                                      hp.logprob_chunk_size, entropy)
+
+    @torch.no_grad()
+    def batched_logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """Log-probs of a whole rollout batch under ``model`` (old policy or reference), ``logprob_batch_size``
+        completions per forward (default: a mini-batch's worth)."""
+        n = rollout.n
+        size = self.hparams.logprob_batch_size or -(-n // self.hparams.num_mini_batches)
+        return torch.cat([self.completion_logprobs(model, *rollout.inputs(slice(i, i + size)))[0]
+                          for i in range(0, n, size)])
+
     def _rewards(self, prompts: list[str], texts: list[str], columns: dict[str, list]):
         drop = self.hparams.drop_bad_rewards
         verifier_rewards, valid = compute_rewards(self._verifier or self.trainer.datamodule.reward_fn(), prompts,
@@ -273,110 +313,111 @@ class GRPOModule(L.LightningModule):
 
     def answer_mask(self, completion: torch.Tensor, cmask: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Tokens of the final answer: from the last ``####`` (or the last line) to the end of the completion."""
-        tokenizer = module_tokenizer(self)
-        out = torch.zeros_like(cmask, dtype=torch.bool)
-        for i, text in enumerate(texts):
-            start = text.rfind("####")
-            start = text.rfind("\n") + 1 if start < 0 else start
-            n = int(cmask[i].sum())
-            ids = completion[i, :n].tolist()
-            for t in range(n):
-                if len(tokenizer.decode(ids[:t + 1], skip_special_tokens=True)) > start:
-                    out[i, t:n] = True
-                    break
-        return out & cmask.bool()
+        return answer_span.answer_mask(module_tokenizer(self), completion, cmask, texts)
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One rollout batch: sample and score completions, then ``mu`` passes of mini-batch updates."""
+        rollout = self.rollout(batch)
+        self.rollout_logprobs(rollout)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        stats: dict[str, list[torch.Tensor]] = {}
+        for idx in self.mini_batches(rollout.n):
+            loss = self.mini_batch_loss(rollout, idx.to(self.device), stats)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if self.hparams.max_grad_norm is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm,
+                                    gradient_clip_algorithm="norm")
+            optimizer.step()
+            scheduler.step()
+            _add(stats, "train/loss", loss.detach())
+        self._log_rollout(rollout)
+        self.log_dict({k: torch.stack(v).float().mean() for k, v in stats.items()}, batch_size=rollout.n)
+
+    def rollout(self, batch: dict) -> Rollout:
+        """G completions per prompt, their rewards and group-normalized advantages."""
         hp = self.hparams
-        tokenizer = module_tokenizer(self)
         g = hp.num_generations
-        prompt_ids = batch["prompt_input_ids"].repeat_interleave(g, 0)
-        prompt_mask = batch["prompt_attention_mask"].repeat_interleave(g, 0)
         completion, cmask = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"], g)
-        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+        texts = module_tokenizer(self).batch_decode(completion, skip_special_tokens=True)
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()
                    if isinstance(vals, list) and k != "prompts"}
         prompts = [p for p in batch["prompts"] for _ in range(g)]
-        rewards, correct, valid = self._rewards(prompts, texts, columns)
-        rewards, correct, valid = rewards.to(self.device), correct.to(self.device), valid.to(self.device)
-        advantages = group_advantages(rewards, g, hp.scale_rewards, valid)
-        lmask = cmask * valid.unsqueeze(1).long()
-        answer_mask = self.answer_mask(completion, cmask, texts) if self._answer_mask_terms else None
-        n = completion.shape[0]
+        rewards, correct, valid = (t.to(self.device) for t in self._rewards(prompts, texts, columns))
+        return Rollout(prompt_ids=batch["prompt_input_ids"].repeat_interleave(g, 0),
+                       prompt_mask=batch["prompt_attention_mask"].repeat_interleave(g, 0),
+                       completion=completion, cmask=cmask, rewards=rewards, correct=correct, valid=valid,
+                       advantages=group_advantages(rewards, g, hp.scale_rewards, valid),
+                       loss_mask=cmask * valid.unsqueeze(1).long(),
+                       answer_mask=self.answer_mask(completion, cmask, texts) if self._answer_mask_terms else None)
 
-        single = self.updates_per_rollout == 1
-        old_logp = ref_logp = None
-        with torch.no_grad():
-            if not single:  # with one update the old policy is the current one: reuse the first forward (ratio 1)
-                old_logp = token_logprobs(self.policy_logits(self.model, prompt_ids, prompt_mask, completion, cmask),
-                                          completion, hp.temperature)
-            if self._reference:
-                ref_logp = token_logprobs(self.policy_logits(self._reference[0], prompt_ids, prompt_mask, completion,
-                                                             cmask), completion, hp.temperature)
+    @torch.no_grad()
+    def rollout_logprobs(self, rollout: Rollout) -> None:
+        """Per-token log-probs of the rollout policy (``old_logp``) and of the frozen reference (``ref_logp``).
 
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        stats: dict[str, list[torch.Tensor]] = {}
+        With one update per rollout the old policy is the current one, so ``old_logp`` is left to the first
+        mini-batch forward (the ratio is then exactly 1) instead of costing a forward here.
+        """
+        if self.updates_per_rollout > 1:
+            rollout.old_logp = self.batched_logprobs(self.model, rollout)
+        if self._reference:
+            rollout.ref_logp = self.batched_logprobs(self._reference[0], rollout)
+
+    def mini_batches(self, n: int) -> Iterator[torch.Tensor]:
+        """Completion indices of each optimizer step: ``mu`` shuffled passes of ``num_mini_batches`` chunks."""
+        hp = self.hparams
         generator = torch.Generator().manual_seed(int(self.global_step) + 1_000_003 * int(self.current_epoch))
         for _ in range(hp.mu):
             order = torch.randperm(n, generator=generator) if hp.num_mini_batches > 1 else torch.arange(n)
-            for idx in order.chunk(hp.num_mini_batches):
-                idx = idx.to(self.device)
-                logits = self.policy_logits(self.model, prompt_ids[idx], prompt_mask[idx], completion[idx], cmask[idx])
-                logp = token_logprobs(logits, completion[idx], hp.temperature)
-                if single:  # one update per rollout: idx is every completion in order, and old == current
-                    old_logp = logp.detach()
-                old = old_logp[idx]
-                m = lmask[idx]
-                per_token, clipped = clipped_surrogate(logp, old, advantages[idx], hp.eps_low, hp.eps_high)
-                ref = ref_logp[idx] if ref_logp is not None else None
-                if ref is not None:
-                    kl = k3_kl(logp, ref)
-                    per_token = per_token + hp.kl_coef * kl
-                    _add(stats, "grpo/kl", aggregate(kl.detach(), m, hp.loss_aggregation, hp.max_new_tokens))
-                loss = aggregate(per_token, m, hp.loss_aggregation, hp.max_new_tokens)
-                _add(stats, "loss/grpo", loss.detach())
-                tokens = PolicyTokens(logp=logp, old_logp=old, ref_logp=ref, advantages=advantages[idx], mask=m,
-                                      action_mask=m, answer_mask=None if answer_mask is None else answer_mask[idx],
-                                      valid=valid[idx])
-                for name, fn in self.loss_terms.items():
-                    out = fn(tokens)
-                    value, extra = out if isinstance(out, tuple) else (out, {})
-                    loss = loss + value
-                    _add(stats, f"loss/{name}", value.detach())
-                    for key, v in extra.items():
-                        _add(stats, key, torch.as_tensor(v, dtype=torch.float32))
-                with torch.no_grad():
-                    mf = m.float()
-                    _add(stats, "grpo/clip_fraction", (clipped.float() * mf).sum() / mf.sum().clamp(min=1))
-                    _add(stats, "grpo/ratio", (torch.exp(logp - old) * mf).sum() / mf.sum().clamp(min=1))
-                    _add(stats, "grpo/entropy", (token_entropy(logits, hp.temperature) * mf).sum() / mf.sum().clamp(1))
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                if hp.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                scheduler.step()
-                _add(stats, "train/loss", loss.detach())
-        for i, group in enumerate(optimizer.optimizer.param_groups):
-            self.log(f"optim/lr_{group.get('name', i)}", group["lr"], batch_size=1)
+            yield from order.chunk(hp.num_mini_batches)
 
-        self._log_rollout(rewards, correct, valid, cmask, old_logp, n)
-        self.log_dict({k: torch.stack(v).float().mean() for k, v in stats.items()}, batch_size=n)
+    def mini_batch_loss(self, rollout: Rollout, idx: torch.Tensor,
+                        stats: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """Clipped surrogate (+ k3 KL, + registered terms) on the completions ``idx``; metrics added to ``stats``."""
+        hp = self.hparams
+        logp, entropy = self.completion_logprobs(self.model, *rollout.inputs(idx), entropy=True)
+        if rollout.old_logp is None:  # one update per rollout: idx is every completion in order, old == current
+            rollout.old_logp = logp.detach()
+        old, m, advantages = rollout.old_logp[idx], rollout.loss_mask[idx], rollout.advantages[idx]
+        per_token, clipped = clipped_surrogate(logp, old, advantages, hp.eps_low, hp.eps_high)
+        ref = rollout.ref_logp[idx] if rollout.ref_logp is not None else None
+        if ref is not None:
+            kl = k3_kl(logp, ref)
+            per_token = per_token + hp.kl_coef * kl
+            _add(stats, "grpo/kl", aggregate(kl.detach(), m, hp.loss_aggregation, hp.max_new_tokens))
+        loss = aggregate(per_token, m, hp.loss_aggregation, hp.max_new_tokens)
+        _add(stats, "loss/grpo", loss.detach())
+        tokens = PolicyTokens(logp=logp, old_logp=old, ref_logp=ref, advantages=advantages, mask=m, action_mask=m,
+                              answer_mask=None if rollout.answer_mask is None else rollout.answer_mask[idx],
+                              valid=rollout.valid[idx])
+        for name, fn in self.loss_terms.items():
+            out = fn(tokens)
+            value, extra = out if isinstance(out, tuple) else (out, {})
+            loss = loss + value
+            _add(stats, f"loss/{name}", value.detach())
+            for key, v in extra.items():
+                _add(stats, key, torch.as_tensor(v, dtype=torch.float32))
+        with torch.no_grad():
+            mf = m.float()
+            tokens_n = mf.sum().clamp(min=1)
+            _add(stats, "grpo/clip_fraction", (clipped.float() * mf).sum() / tokens_n)
+            _add(stats, "grpo/ratio", (torch.exp(logp - old) * mf).sum() / tokens_n)
+            _add(stats, "grpo/entropy", (entropy * mf).sum() / tokens_n)
+        return loss
 
-    def _log_rollout(self, rewards, correct, valid, cmask, old_logp, n: int) -> None:
+    def _log_rollout(self, rollout: Rollout) -> None:
         """Rollout statistics; ``logp_correct``/``logp_incorrect``: mean per-token log-likelihood (rollout policy)."""
-        cmf = cmask.float()
-        seq_logp = (old_logp * cmf).sum(1) / cmf.sum(1).clamp(min=1)
-        ok = valid
+        rewards, correct, ok, n = rollout.rewards, rollout.correct, rollout.valid, rollout.n
+        cmf = rollout.cmask.float()
+        seq_logp = (rollout.old_logp * cmf).sum(1) / cmf.sum(1).clamp(min=1)
         self._zero_rewards.update(bool((rewards[ok] == 0).all()))
         metrics = {
             "grpo/reward_mean": rewards[ok].mean() if ok.any() else torch.zeros(()),
             "grpo/reward_std": rewards[ok].std() if ok.sum() > 1 else torch.zeros(()),
             "grpo/accuracy": correct[ok].float().mean() if ok.any() else torch.zeros(()),
             "grpo/completion_length": cmf.sum(1).mean(),
-            "grpo/dropped": (~valid).float().sum(),
+            "grpo/dropped": (~ok).float().sum(),
         }
         for name, sel in (("grpo/logp_correct", correct & ok), ("grpo/logp_incorrect", ~correct & ok)):
             if sel.any():
@@ -398,12 +439,8 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(decay_groups(self.model))
-        warmup = self.hparams.warmup_steps
-
-        def factor(step: int) -> float:
-            return min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, factor)]
+        warmup = self.hparams.warmup_steps  # then constant (min_ratio 1)
+        return {"optimizer": optimizer, "lr_scheduler": warmup_cosine_scheduler(optimizer, warmup, warmup, 1.0)}
 
 
 def _add(stats: dict[str, list[torch.Tensor]], key: str, value: torch.Tensor) -> None:

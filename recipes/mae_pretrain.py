@@ -22,7 +22,7 @@ from torch import nn
 from typing_extensions import override
 
 from recipes.parts.mae_masking import masked_mse, patchify, random_masking, sincos_pos_embed_2d, unpatchify
-from recipes.parts.optim import effective_batch_size, scaled_lr, warmup_cosine, weight_decay_groups
+from recipes.parts.optim import decay_groups, effective_batch_size, scaled_lr, warmup_cosine_scheduler
 
 
 class MAEPretrainModule(L.LightningModule):
@@ -36,8 +36,8 @@ class MAEPretrainModule(L.LightningModule):
             ``num_heads`` for a tiny test model); reuse the same ones when loading the exported encoder.
         decoder_dim / decoder_depth / decoder_heads: the light decoder (paper: 512-d, depth 2 for ViT-S, 8 for ViT-B).
         mask_ratio: share of patches removed (paper: 0.9).
-        norm_pix_loss: normalize each target patch by its mean/variance (MAE option; off by default here, as in
-            the issue's recipe; the MAE paper reports it helps on ImageNet).
+        norm_pix_loss: normalize each target patch by its mean/variance (MAE option; off by default, as in the
+            chest X-ray recipe of arXiv 2210.12843).
         base_lr: the learning rate per 256 images; the peak lr is ``base_lr * batch / 256`` (paper: 1.5e-4).
         lr: absolute peak learning rate, overriding the scaling rule when given.
         betas / weight_decay: AdamW settings (paper: (0.9, 0.95), 0.05; no decay on biases and norms).
@@ -166,9 +166,6 @@ class MAEPretrainModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        optimizer = self.optimizers(use_pl_optimizer=False)
-        for i, group in enumerate(optimizer.param_groups):
-            self.log(f"optim/lr_{group.get('name', i)}", group["lr"], batch_size=1)
         return loss
 
     @override
@@ -180,11 +177,10 @@ class MAEPretrainModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         lr = hp.lr if hp.lr is not None else scaled_lr(hp.base_lr, effective_batch_size(self.trainer))
-        optimizer = torch.optim.AdamW(weight_decay_groups(self, hp.weight_decay), lr=lr, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(decay_groups(self, hp.weight_decay), lr=lr, betas=tuple(hp.betas))
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": warmup_cosine_scheduler(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)}
 
     # ----------------------------------------------------------------------------------------------- export
     def encoder_create_kwargs(self) -> dict:

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from recipes.parts.auroc import MaskedMultilabelAUROC, log_auroc_table, write_auroc_table
-from recipes.parts.optim import effective_batch_size, layer_decay_groups, scaled_lr, warmup_cosine
+from recipes.parts.optim import effective_batch_size, layer_decay_groups, scaled_lr, warmup_cosine_scheduler
 from recipes.parts.vit_checkpoint import load_encoder_weights
 
 
@@ -128,8 +128,6 @@ class ViTClassifierModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["image"]), batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        optimizer = self.optimizers(use_pl_optimizer=False)
-        self.log("optim/lr_head", optimizer.param_groups[-1]["lr"], batch_size=1)
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
@@ -182,6 +180,5 @@ class ViTClassifierModule(L.LightningModule):
         groups = layer_decay_groups(self.model, lr, hp.weight_decay, hp.layer_decay)
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": warmup_cosine_scheduler(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)}

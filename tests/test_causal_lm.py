@@ -1,12 +1,15 @@
 """CausalLMModule: response-only loss, model loading, LoRA baseline, optimizer groups, schedule, logging."""
 
+import csv
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 from datamodules.instruction import InstructionDataModule
 from datamodules.tokenizer import build_char_tokenizer
@@ -78,7 +81,8 @@ def test_fit_moves_every_weight_and_names_lr_groups(data, tmp_path):
     module = CausalLMModule(model_config=TINY, warmup_steps=2, exact_match_batches=1, max_new_tokens=4)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=default_loggers(tmp_path, "t", wandb="disabled"),
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=1,
-                        val_check_interval=3, enable_model_summary=False)
+                        val_check_interval=3, enable_model_summary=False, log_every_n_steps=1,
+                        callbacks=[LearningRateMonitor(logging_interval="step")])
     trainer.validate(module, datamodule=data, verbose=False)  # builds the model
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer.fit(module, datamodule=data)
@@ -88,7 +92,13 @@ def test_fit_moves_every_weight_and_names_lr_groups(data, tmp_path):
     assert names == ["decay", "no_decay"]
     assert trainer.optimizers[0].param_groups[1]["weight_decay"] == 0.0
     keys = set(trainer.logged_metrics)
-    assert {"train/loss", "optim/lr_decay", "val/loss", "val/perplexity", "val/exact_match"} <= keys
+    assert {"train/loss", "val/loss", "val/perplexity", "val/exact_match"} <= keys
+    # LearningRateMonitor logs each named group: warm-up 1/2, 2/2, then cosine, times AdamW's default lr 1e-3
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
+    lrs = [(int(r["step"]), float(r["optim/lr/decay"]), float(r["optim/lr/no_decay"])) for r in rows
+           if r.get("optim/lr/decay")]
+    assert [(s, d) for s, d, _ in lrs] == [(s, pytest.approx(1e-3 * warmup_cosine(s, 2, 3))) for s in range(3)]
+    assert all(d == n for _, d, n in lrs)
     assert math.isclose(float(trainer.logged_metrics["val/perplexity"]),
                         math.exp(float(trainer.logged_metrics["val/loss"])), rel_tol=1e-5)
 

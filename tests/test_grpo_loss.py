@@ -98,3 +98,16 @@ def test_token_logprobs_and_entropy_match_softmax():
 def test_completion_mask_stops_after_first_eos():
     ids = torch.tensor([[5, 6, 2, 0, 2], [2, 7, 7, 7, 7], [5, 5, 5, 5, 5]])
     assert completion_mask(ids, eos_token_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("mode", ["sequence_mean", "token_mean", "max_length"])
+def test_dropped_completions_are_left_out_of_the_denominator(mode):
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 9.0], [7.0, 7.0, 7.0], [8.0, 8.0, 8.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    valid = torch.tensor([True, True, False, False])
+    kept = aggregate(per_token[:2], mask[:2], mode, max_length=3)
+    explicit = aggregate(per_token, mask, mode, max_length=3, valid=valid)
+    zeroed = aggregate(per_token, mask * valid.unsqueeze(1), mode, max_length=3)  # as the GRPO module passes it
+    expected = {"sequence_mean": (2.0 + 4.5) / 2, "token_mean": 15.0 / 5, "max_length": 15.0 / (2 * 3)}[mode]
+    assert float(kept) == float(explicit) == float(zeroed) == pytest.approx(expected)
+    assert float(aggregate(per_token, mask * 0, mode, max_length=3)) == 0.0  # everything dropped: no loss, no NaN

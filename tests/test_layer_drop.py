@@ -54,7 +54,7 @@ def test_bad_arguments():
 
 def test_keep_frequency_matches_p_l():
     # theta_bar = 0.2 at a late step: p_l = 0.9, 0.8, ..., 0.2 (0.1 apart, ~30 sigma at n = 20000), so a wrong or
-    # shifted p (the reference's off-by-one) fails; 5 sigma tolerance does not fail by chance.
+    # p shifted by one block fails; 5 sigma tolerance does not fail by chance.
     pld = ProgressiveLayerDrop(theta_bar=0.2, gamma=1.0, seed=123)
     n, blocks = 20000, 8
     counts = torch.zeros(blocks)

@@ -12,6 +12,8 @@ from datamodules.rewards import (
     compute_rewards,
     extract_gsm8k_answer,
     normalize_answer,
+    normalize_reference,
+    reference_value,
 )
 
 
@@ -95,3 +97,41 @@ def test_bad_reward_drops_only_failing_samples_when_allowed(fn, rewards, valid):
 def test_good_reward_passes_columns_through():
     r, ok = compute_rewards(GSM8KReward("strict"), ["p", "p"], ["#### 4", "#### 5"], {"answer": ["4", "4"]})
     assert torch.equal(r, torch.tensor([1.0, 0.0])) and bool(ok.all())
+
+
+@pytest.mark.parametrize("completion,reward", [
+    ("", 0.0), ("   ", 0.0), ("an", 0.0), ("the", 0.0), ("a", 1.0), ("A", 1.0), ("(A).", 1.0), ("B", 0.0),
+])
+def test_multiple_choice_letter_stays_matchable_and_articles_earn_nothing(completion, reward):
+    assert normalize_answer("A") == "a" and normalize_answer("The") == "the"
+    assert QAExactMatch()([""], [completion], answers=[["A"]]) == [reward]
+
+
+def test_exact_match_keeps_squad_rules_and_never_matches_blank():
+    fn = QAExactMatch()
+    assert fn([""] * 4, ["The Eiffel Tower!", "eiffel tower", "the the", ""], answers=[
+        ["Eiffel Tower"], ["The Eiffel Tower"], ["The The"], ["", "  "]]) == [1.0, 1.0, 1.0, 0.0]
+    assert normalize_answer("?!") == "?!" and normalize_answer("") == ""
+
+
+@pytest.mark.parametrize("reference,value", [
+    ("18 dollars", 18.0), ("1/2", 0.5), ("$1,200", 1200.0), ("45%", 45.0), ("1,234.5", 1234.5), ("-7", -7.0),
+    (" 5 km.", 5.0), (".5", 0.5), ("72", 72.0),
+])
+def test_references_normalize_to_what_the_reward_parses(reference, value):
+    assert reference_value(reference) == value
+    number = normalize_reference(reference)
+    assert extract_gsm8k_answer(f"#### {number}") == value
+    assert GSM8KReward()([""], [f"#### {number}"], answer=[reference]) == [1.0]
+
+
+@pytest.mark.parametrize("reference", ["3 or 4", "2:30", "3,5", "1/0", "", "many", "1 1/2"])
+def test_unmatchable_references_are_errors(reference):
+    with pytest.raises(ValueError, match="reference"):
+        normalize_reference(reference)
+    with pytest.raises(RewardError, match="gsm8k_strict"):
+        compute_rewards(GSM8KReward(), [""], ["#### 3"], {"answer": [reference]})
+
+
+def test_fraction_completion_matches_fraction_reference():
+    assert GSM8KReward()([""] * 3, ["#### 1/2", "#### 0.5", "#### 1"], answer=["1/2"] * 3) == [1.0, 1.0, 0.0]

@@ -24,7 +24,7 @@ def test_gsm8k_form_batches_and_reward(tmp_path):
     assert batch["prompts"][0] == "<s><|system|>Be brief.</s><|user|>" + batch["prompts"][0].split("<|user|>")[1]
     assert batch["prompts"][0].endswith("</s><|assistant|>")
     assert batch["prompt_input_ids"][:, -1].tolist() == [dm.tokenizer.convert_tokens_to_ids("<|assistant|>")] * 2
-    assert all("," in a for a in batch["answer"])  # the reference keeps its text; the reward strips commas
+    assert all("," not in a and int(a) > 999 for a in batch["answer"])  # normalized at load: "1,005" -> "1005"
     fn = dm.reward_fn()
     assert isinstance(fn, GSM8KReward) and fn.mode == "strict"
     assert fn(batch["prompts"], [f"#### {a.replace(',', '')}" for a in batch["answer"]], **{"answer":
@@ -73,3 +73,23 @@ def test_synthetic_splits_are_disjoint(tmp_path):
     batch = next(iter(dm.sft_dataloader()))
     assert {"input_ids", "attention_mask", "labels"} <= batch.keys()
     assert dm.form == "gsm8k" and len(dm.datasets["train"]) == 30
+
+
+def test_gsm8k_references_checked_at_load_with_the_rewards_parser(tmp_path):
+    path = write(tmp_path / "r.jsonl", [{"question": "q1", "answer": "So\n#### 18 dollars"},
+                                        {"question": "q2", "answer": "#### 1/2"},
+                                        {"question": "q3", "answer": "#### $1,200."}])
+    form, rows = read_verifiable_file(path)
+    answers = [row["answer"] for _, row in rows]
+    assert form == "gsm8k" and answers == ["18", "1/2", "1200"]
+    rewards = GSM8KReward()([""] * 3, ["#### 18", "#### 0.5", "#### 1,200"], answer=answers)
+    assert rewards == [1.0, 1.0, 1.0]
+    bad = write(tmp_path / "b.jsonl", [{"question": "q1", "answer": "#### 4"},
+                                       {"question": "q2", "answer": "#### 3 or 4"}])
+    with pytest.raises(DataError, match=r"b.jsonl:2: 'answer': the reference '3 or 4' is not one number"):
+        read_verifiable_file(bad)
+
+
+def test_qa_answers_must_be_non_blank(tmp_path):
+    with pytest.raises(DataError, match=r"q.jsonl:1: 'answers' must be a non-empty list of strings, none blank"):
+        read_verifiable_file(write(tmp_path / "q.jsonl", [{"question": "q", "answers": ["Paris", " "]}]))

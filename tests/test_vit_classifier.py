@@ -30,20 +30,31 @@ def expected_layer(name: str) -> int:
 
 
 def test_layer_decay_groups_scale_every_parameter():
+    """timm's param_groups_layer_decay gives MAE's lr_decay.py groups, parameter by parameter (average pooling)."""
     model = classifier().model
     groups = layer_decay_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=0.55)
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    assert len(group_of) == sum(len(g["params"]) for g in groups)  # no parameter in two groups
     seen = {}
-    for group in groups:
-        for name, param in zip(group["param_names"], group["params"], strict=True):
-            assert name not in seen
-            seen[name] = group
-            layer = expected_layer(name)
-            assert group["lr_scale"] == pytest.approx(0.55 ** (4 - layer))
-            assert group["lr"] == pytest.approx(1e-3 * 0.55 ** (4 - layer))
-            no_decay = param.ndim == 1 or name in ("cls_token", "pos_embed")
-            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+    for name, param in model.named_parameters():
+        group = group_of[id(param)]
+        seen[name] = group
+        layer = expected_layer(name)
+        assert group["lr_scale"] == pytest.approx(0.55 ** (4 - layer))
+        assert group["lr"] == pytest.approx(1e-3 * 0.55 ** (4 - layer))
+        no_decay = param.ndim == 1 or name in ("cls_token", "pos_embed")
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        assert group["name"] == f"layer_{layer}_{'no_decay' if no_decay else 'decay'}", name
     assert set(seen) == {n for n, _ in model.named_parameters()}
     assert seen["head.weight"]["lr_scale"] == 1.0 and seen["patch_embed.proj.weight"]["lr_scale"] == 0.55 ** 4
+
+
+def test_token_pooling_puts_the_final_norm_with_the_last_block():
+    """The one place timm's layer ids differ from MAE's rule (documented in layer_decay_groups)."""
+    model = classifier(global_pool="token").model
+    groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+    assert scale["norm.weight"] == scale["blocks.2.norm1.weight"] == 0.5 and scale["head.weight"] == 1.0
 
 
 def test_loads_mae_encoder_and_rejects_a_mismatched_one(tmp_path):

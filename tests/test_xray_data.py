@@ -182,7 +182,7 @@ def test_phantom_sets_load_through_the_real_loaders(tmp_path):
                                image_size=32, batch_size=4)
     dm.prepare_data()
     dm.setup()
-    assert (tmp_path / "nih" / "images_001" / "images").is_dir()
+    assert dm.data_root.parent == tmp_path / "nih" and (dm.data_root / "images_001" / "images").is_dir()
     all_records = [r for s in dm.splits.values() for r in s]
     labels = torch.tensor([r.labels for r in all_records])
     present = {NIH_LABELS[i] for i in labels.sum(0).nonzero().flatten().tolist()}

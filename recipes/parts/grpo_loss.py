@@ -18,7 +18,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
                      eps: float = 1e-4) -> torch.Tensor:
     """A_i = (r_i - mean(group)) / (std + eps), with the std of the group, of the batch, or none (Dr. GRPO).
 
-    ``rewards`` holds ``group_size`` consecutive completions per prompt. Means and (unbiased, as TRL) stds are over
+    ``rewards`` holds ``group_size`` consecutive completions per prompt. Means and (unbiased) stds are over
     the ``valid`` completions only; invalid ones (dropped rewards) get advantage 0.
     """
     if scale not in SCALES:
@@ -76,22 +76,28 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "sequence_mean",
-              max_length: int | None = None) -> torch.Tensor:
-    """Reduce a per-token loss to a scalar, as the established trainers do.
+              max_length: int | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar.
 
-    ``sequence_mean``: mean over each completion's tokens, then over completions (the GRPO paper, TRL "grpo").
-    ``token_mean``: sum over all tokens / number of tokens (DAPO, TRL "dapo"/"bnpo" within a mini-batch).
-    ``max_length``: sum over all tokens / (completions * max_length) (Dr. GRPO, TRL "dr_grpo").
+    ``sequence_mean``: mean over each completion's tokens, then over completions (the GRPO paper).
+    ``token_mean``: sum over all tokens / number of tokens (DAPO, within a mini-batch).
+    ``max_length``: sum over all tokens / (completions * max_length) (Dr. GRPO).
+
+    Completions that are not ``valid`` (dropped rewards) count nowhere, neither in the sums nor in the number of
+    completions; ``valid=None`` takes every completion with at least one token in ``mask`` (the GRPO module zeroes
+    the mask of dropped completions), so dropping 2 of 4 completions does not halve the loss.
     """
-    mask = mask.to(per_token.dtype)
+    valid = mask.bool().any(1) if valid is None else valid.bool()
+    mask = mask.to(per_token.dtype) * valid.unsqueeze(1).to(per_token.dtype)
+    completions = valid.sum().clamp(min=1)
     if mode == "sequence_mean":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / completions
     if mode == "token_mean":
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
     if mode == "max_length":
         if max_length is None:
             raise ValueError("aggregation 'max_length' needs max_length (the max_new_tokens budget)")
-        return (per_token * mask).sum() / (per_token.shape[0] * max_length)
+        return (per_token * mask).sum() / (completions * max_length)
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
 
 

@@ -47,3 +47,13 @@ def build_causal_lm(model_path: str | None, model_config: dict | None,
                          f"than the tokenizer's ({len(tokenizer)}); use the model's own tokenizer")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def enable_activation_checkpointing(model: PreTrainedModel, use_reentrant: bool = False) -> None:
+    """Recompute block activations in backward (transformers 5 ``activation_checkpointing_enable``; older releases
+    only have ``gradient_checkpointing_enable``, which transformers 5 deprecates)."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

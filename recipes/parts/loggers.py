@@ -2,14 +2,55 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 WANDB_MODES = ("offline", "online", "disabled")
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv``: rows from before the first step logged now stay, later rows (work lost
+    since the checkpoint, about to be logged again) are dropped, and new rows are appended."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._old_rows: list[dict] | None = None
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self._old_rows = list(reader)
+                self.metrics_keys = sorted(reader.fieldnames or [])
+
+    def save(self) -> None:
+        if self._old_rows is not None and self.metrics:
+            first = min(m["step"] for m in self.metrics)
+            keep = [r for r in self._old_rows if r.get("step") not in (None, "") and float(r["step"]) < first]
+            with open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(keep)
+            self._old_rows = None
+        super().save()
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """``CSVLogger`` for a resumed run that continues in its own version folder: ``metrics.csv`` goes on from the
+    step reached instead of being deleted."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def claim_run_dir(parent: str | Path, prefix: str = "version_") -> Path:
@@ -30,41 +71,67 @@ def claim_run_dir(parent: str | Path, prefix: str = "version_") -> Path:
             continue  # another run took it between the listing and the mkdir
 
 
-def default_loggers(root: str | Path, name: str, wandb: str = "offline", project: str = "layerwise-recipes") -> list:
-    """A ``CSVLogger`` in a freshly claimed ``root/name/version_N`` plus a ``WandbLogger`` (group ``name/version_N``).
+def wandb_run_id(run_dir: str | Path) -> str | None:
+    """The W&B run id of a run folder, created once (by rank 0; other ranks do not log to W&B) and kept in
+    ``wandb_id.txt``, so a resumed run logs to the same W&B run."""
+    path = Path(run_dir) / "wandb_id.txt"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    if rank_zero_only.rank != 0:
+        return None
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
 
-    W&B files go inside the run directory, so the config each run saves never collides with another run's.
+
+def default_loggers(root: str | Path, name: str, wandb: str = "offline", project: str = "layerwise-recipes",
+                    version: str | None = None) -> list:
+    """A versioned ``CSVLogger`` (first, so ``trainer.log_dir`` is unique per run) plus a ``WandbLogger``.
+
+    W&B files go inside the CSV run directory, so the config each run saves never collides with another
+    run's. The CSV writer is created first, while that directory is still empty. ``version`` (``version_N``)
+    continues that existing run folder: its ``metrics.csv`` goes on from the step reached and W&B resumes the
+    same run id. A new run's folder is claimed atomically (:func:`claim_run_dir`) by rank 0; the W&B run's group
+    is ``<name>/version_N``, shared with evaluations of its checkpoints (:func:`eval_loggers`).
     """
     _check_mode(wandb)
-    if _rank() != 0:  # other DDP ranks never write; the trainer broadcasts rank 0's log_dir
-        return _loggers(CSVLogger(save_dir=str(root), name=name), name, wandb, project, job_type="fit")
-    run_dir = claim_run_dir(Path(root) / name)
-    version = int(run_dir.name.removeprefix("version_"))
-    return _loggers(CSVLogger(save_dir=str(root), name=name, version=version), f"{name}/{run_dir.name}", wandb,
-                    project, job_type="fit")
+    if version is not None:
+        csv_logger = ContinuingCSVLogger(save_dir=str(root), name=name, version=version)
+    elif _rank() == 0:
+        run_dir = claim_run_dir(Path(root) / name)
+        csv_logger = CSVLogger(save_dir=str(root), name=name, version=int(run_dir.name.removeprefix("version_")))
+    else:  # other DDP ranks never write; the trainer broadcasts rank 0's log_dir
+        csv_logger = CSVLogger(save_dir=str(root), name=name)
+    return _with_wandb(csv_logger, f"{name}/{Path(csv_logger.log_dir).name}", wandb, project, job_type="fit")
 
 
 def eval_loggers(ckpt_path: str | Path, stage: str, wandb: str = "offline",
                  project: str = "layerwise-recipes") -> list:
     """Loggers for ``validate``/``test`` of a checkpoint: ``<run dir>/eval/<stage>_N`` inside the checkpoint's run
-    folder (the folder above ``checkpoints/``), and a W&B run in the same group as the training run."""
+    folder (the folder above ``checkpoints/``), and a W&B run in the training run's group."""
     _check_mode(wandb)
     ckpt_path = Path(ckpt_path)
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    if _rank() != 0:
-        return _loggers(CSVLogger(save_dir=str(run_dir), name="eval", version=stage), "", wandb, project, stage)
-    eval_dir = claim_run_dir(run_dir / "eval", prefix=f"{stage}_")
     group = f"{run_dir.parent.name}/{run_dir.name}"
-    csv = CSVLogger(save_dir=str(run_dir), name="eval", version=eval_dir.name)
-    return _loggers(csv, group, wandb, project, job_type=stage, run_name=f"{group}/{eval_dir.name}")
+    if _rank() != 0:
+        return _with_wandb(CSVLogger(save_dir=str(run_dir), name="eval", version=stage), group, wandb, project,
+                           job_type=stage)
+    eval_dir = claim_run_dir(run_dir / "eval", prefix=f"{stage}_")
+    csv_logger = CSVLogger(save_dir=str(run_dir), name="eval", version=eval_dir.name)
+    return _with_wandb(csv_logger, group, wandb, project, job_type=stage, run_name=f"{group}/eval/{eval_dir.name}")
 
 
-def _loggers(csv: CSVLogger, group: str, wandb: str, project: str, job_type: str,
-             run_name: str | None = None) -> list[Logger]:
-    loggers: list[Logger] = [csv]
+def _with_wandb(csv_logger: CSVLogger, group: str, wandb: str, project: str, job_type: str,
+                run_name: str | None = None) -> list[Logger]:
+    loggers: list[Logger] = [csv_logger]
     if wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
-        loggers.append(WandbLogger(project=project, name=run_name or group, group=group, job_type=job_type,
-                                   save_dir=csv.log_dir, offline=wandb == "offline"))
+        _ = csv_logger.experiment  # creates the run directory (rank zero) before W&B writes into it
+        run_dir = Path(csv_logger.log_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)  # other ranks: W&B's own directory argument must exist
+        loggers.append(_WandbLogger(project=project, name=run_name or group, group=group, job_type=job_type,
+                                    save_dir=str(run_dir), offline=wandb == "offline", id=wandb_run_id(run_dir),
+                                    resume="allow"))
     return loggers
 
 
@@ -86,6 +153,15 @@ def remove_unused_run_dir(run_dir: str | Path, loggers: list[Logger]) -> None:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish(exit_code=1)
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class _WandbLogger(WandbLogger):
+    """``WandbLogger`` minus the ``anonymous`` setting: Lightning always passes it and recent W&B releases warn that
+    it has no effect."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        getattr(self, "_wandb_init", {}).pop("anonymous", None)
 
 
 def check_log_dir(root: str | Path, min_free_mb: int = 100) -> None:

@@ -1,71 +1,82 @@
 """Optimizer set-up for every recipe: named parameter groups, the warm-up + cosine schedule, the MAE LR scaling rule.
 
-Groups are named (``decay``/``no_decay``, ``layer_<id>_decay``) so learning-rate logging keys stay stable.
-
-ViT layer-wise LR decay:
-Layer ids follow the MAE / BEiT / timm convention (MAE ``util/lr_decay.py``): ``cls_token``, ``pos_embed``,
-``patch_embed`` (and register tokens) are layer 0, ``blocks.i`` is layer ``i + 1`` and everything after the
-blocks (final norm, ``fc_norm``, head) is layer ``L + 1``; a layer's LR scale is ``decay ** (L + 1 - layer_id)``.
-Biases, norm weights and the position/class tokens get no weight decay.
+Groups are named (``decay``/``no_decay``, ``layer_<id>_decay``) and every scheduler config is named ``optim/lr``, so
+Lightning's ``LearningRateMonitor`` logs ``optim/lr/<group>``.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import lightning as L
+from timm.models import group_parameters
+from timm.optim import param_groups_layer_decay
 from torch import nn
-
-_EMBED_PREFIXES = ("cls_token", "reg_token", "dist_token", "pos_embed", "patch_embed", "mask_token")
-
-
-def no_weight_decay(name: str, param: nn.Parameter, skip: set[str] = frozenset()) -> bool:
-    """True for biases, norm weights (1-D) and the named tokens, which MAE trains without weight decay."""
-    return param.ndim == 1 or name in skip or name.split(".")[0] in ("cls_token", "reg_token", "pos_embed")
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 
-def vit_layer_id(name: str, num_blocks: int) -> int:
-    """MAE / timm layer id of a ViT parameter name: embeddings 0, ``blocks.i`` -> ``i + 1``, the rest ``L + 1``."""
-    if name.split(".")[0] in _EMBED_PREFIXES:
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_blocks + 1
+def decay_groups(model: nn.Module, weight_decay: float | None = None, skip: set[str] = frozenset()) -> list[dict]:
+    """Two groups over the trainable parameters: ``decay`` (matrices) and ``no_decay`` (biases, norms, 1-D, ``skip``).
 
-
-def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Parameter groups ``layer_<id>_decay`` / ``layer_<id>_no_decay`` with ``lr = lr * layer_decay**(L+1-id)``.
-
-    Every group carries ``lr_scale`` (for logging and tests) and an explicit ``lr``, so a ``LambdaLR`` warm-up
-    and cosine multiply each group's own scaled learning rate.
+    ``weight_decay`` (when given) is set on the ``decay`` group, otherwise the optimizer's default applies;
+    ``no_decay`` always has weight decay 0. Frozen parameters at build time (e.g. a LoRA base model) are left out.
     """
-    num_blocks = len(model.blocks)
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    groups: dict[str, dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        layer = vit_layer_id(name, num_blocks)
-        decay = not no_weight_decay(name, param, skip)
-        key = f"layer_{layer}_{'decay' if decay else 'no_decay'}"
-        if key not in groups:
-            scale = layer_decay ** (num_blocks + 1 - layer)
-            groups[key] = {"name": key, "params": [], "param_names": [], "lr_scale": scale, "lr": lr * scale,
-                           "weight_decay": weight_decay if decay else 0.0}
-        groups[key]["params"].append(param)
-        groups[key]["param_names"].append(name)
-    return list(groups.values())
-
-
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The two MAE pre-training groups ``decay`` / ``no_decay`` over the trainable parameters (frozen ones left out)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+            (no_decay if param.ndim < 2 or name in skip else decay).append(param)
+    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+    if weight_decay is not None:
+        groups[0]["weight_decay"] = weight_decay
     return [g for g in groups if g["params"]]
+
+
+def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """ViT layer-wise LR decay groups from timm's ``param_groups_layer_decay`` (BEiT / MAE fine-tuning).
+
+    Layer ids follow MAE's ``util/lr_decay.py``: class/register tokens, position and patch embeddings are layer 0,
+    ``blocks.i`` is layer ``i + 1`` and the rest (``fc_norm``, head) layer ``L + 1``; a group trains at
+    ``lr * layer_decay ** (L + 1 - id)``. Biases, norm weights and ``model.no_weight_decay()`` (the tokens and
+    position embedding) get no weight decay. With global average pooling (the recipes' setting) timm gives exactly
+    these groups; with ``global_pool="token"`` timm ranks the final ``norm`` with the last block
+    (``lr * layer_decay``) where MAE's rule would put it with the head.
+
+    Each group gets a ``name`` (``layer_<id>_decay`` / ``layer_<id>_no_decay``, timm's own layer ids) and an
+    explicit ``lr``, so a ``LambdaLR`` warm-up and cosine multiply each group's scaled learning rate.
+    """
+    no_wd = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_wd,
+                                      layer_decay=layer_decay)
+    layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)  # the ids timm used above
+    last = max(layer_of.values())
+    name_of = {id(p): (n, p) for n, p in model.named_parameters()}
+    for group in groups:
+        name, param = name_of[id(group["params"][0])]
+        kind = "no_decay" if param.ndim <= 1 or name in no_wd else "decay"
+        group["name"] = f"layer_{layer_of.get(name, last)}_{kind}"
+        group["lr"] = lr * group["lr_scale"]
+    return groups
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """LR multiplier at optimizer step ``step``: ``(step + 1) / warmup`` in warm-up, then cosine to ``min_ratio``.
+
+    ``min_ratio=1`` gives warm-up then constant.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_scheduler(optimizer: Optimizer, warmup_steps: int, total_steps: int,
+                            min_ratio: float = 0.1) -> dict:
+    """Lightning's ``lr_scheduler`` config: :func:`warmup_cosine` per optimizer step, logged as ``optim/lr``."""
+    factor = partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)
+    return {"scheduler": LambdaLR(optimizer, factor), "interval": "step", "name": "optim/lr"}
 
 
 def effective_batch_size(trainer: L.Trainer, batch_size: int | None = None) -> int:
@@ -82,28 +93,3 @@ def effective_batch_size(trainer: L.Trainer, batch_size: int | None = None) -> i
 def scaled_lr(base_lr: float, batch: int) -> float:
     """The linear scaling rule of MAE: ``lr = base_lr * batch / 256``."""
     return base_lr * batch / 256
-
-
-def decay_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict]:
-    """Two groups over the trainable parameters: ``decay`` (matrices) and ``no_decay`` (biases, norms, 1-D).
-
-    ``weight_decay`` (when given) is set on the ``decay`` group; ``no_decay`` always has weight decay 0.
-    Frozen parameters at build time (e.g. a LoRA base model) are left out.
-    """
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
-    if weight_decay is not None:
-        groups[0]["weight_decay"] = weight_decay
-    return [g for g in groups if g["params"]]
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
-    """LR multiplier at optimizer step ``step``: ``(step + 1) / warmup`` in warm-up, then cosine to ``min_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

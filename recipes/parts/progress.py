@@ -5,20 +5,20 @@ from __future__ import annotations
 import math
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
+from callbacks.progress import StepProgressBar
 
-class RecipesProgressBar(RichProgressBar):
-    """Lightning's rich bar with three corrections.
+
+class RecipesProgressBar(StepProgressBar):
+    """The step-budget bar, with these corrections.
 
     - The total is in training batches, the unit the bar advances in: ``trainer.max_steps`` counts optimizer
       steps, and a batch makes ``updates_per_rollout`` of them in GRPO and ``1 / accumulate_grad_batches`` in
       general, so the remaining steps are converted to batches.
     - A run resumed mid-epoch starts at its restored batch position, so the total counts from the epoch start.
-    - ``v_num`` is the run's version (``version_N`` -> ``N``), shown as it is, not as a float; the epoch shows no
-      ``/-2`` when training is limited by steps.
+    - ``v_num`` is the run's version (``version_N`` -> ``N``), shown as it is, not as a float.
     """
 
     @property
@@ -40,9 +40,3 @@ class RecipesProgressBar(RichProgressBar):
         if csv is not None and "v_num" in items:
             items["v_num"] = str(csv.version).removeprefix("version_")
         return items
-
-    @override
-    def _get_train_description(self, current_epoch: int) -> str:
-        description = super()._get_train_description(current_epoch)
-        return description.replace(f"/{self.trainer.max_epochs - 1}", "") if self.trainer.max_epochs < 0 \
-            else description

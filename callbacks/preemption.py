@@ -1,0 +1,129 @@
+"""Preemption: SIGTERM / SIGUSR1 / SIGINT save a checkpoint of the step reached, then the run exits non-zero."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from callbacks.core.atomic_checkpoint import checkpoint_dir
+
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+class Preempted(SystemExit):
+    """Raised on every rank after the preemption checkpoint is written; the exit status is ``128 + signal``
+    (143 for SIGTERM, 138 for SIGUSR1, 130 for SIGINT), the shell's convention for a signalled process."""
+
+    def __init__(self, signum: int, path: str, step: int, requeued: bool) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.path, self.step, self.requeued = signum, path, step, requeued
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        then = "the SLURM job was requeued" if self.requeued else f"exiting with status {self.code}"
+        return f"{name} received: saved the checkpoint of step {self.step} to {self.path}; {then}"
+
+
+def slurm_job_id() -> str | None:
+    """``<array job>_<task>`` or the job id when running under SLURM with a batch job, else ``None``."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
+    return job if job and re.fullmatch(r"[0-9_]+", job) else None
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM, SIGUSR1 or SIGINT, finish the current training step, save ``<checkpoint folder>/last.ckpt`` and
+    raise :class:`Preempted` on every rank (the run exits with ``128 + signal``).
+
+    The handlers replace Lightning's own from ``on_train_start`` on (Lightning's SIGTERM handling exits with status
+    0 without saving; under SLURM its SIGUSR1 handler saves from inside the signal handler, in the middle of a
+    step). The decision is agreed across ranks with one boolean all-reduce per step, so a signal that reaches
+    only one rank stops all of them at the same step. Under SLURM (``SLURMEnvironment`` with ``auto_requeue``,
+    Lightning's default there) rank 0 runs ``scontrol requeue <job>`` after the save, as Lightning does, and the
+    requeued job resumes with ``--ckpt_path auto``. A second SIGINT interrupts at once (``KeyboardInterrupt``).
+
+    Args:
+        signals: names of the signals to handle.
+        filename: file name of the checkpoint inside the checkpoint folder.
+        requeue: ``None`` requeues when the trainer's cluster environment is SLURM with ``auto_requeue``.
+    """
+
+    def __init__(self, signals: tuple[str, ...] = SIGNALS, filename: str = "last.ckpt",
+                 requeue: bool | None = None) -> None:
+        unknown = [s for s in signals if s not in SIGNALS]
+        if unknown:
+            raise ValueError(f"signals must be among {SIGNALS}, got {unknown}")
+        if not filename.endswith(".ckpt") or "/" in filename:
+            raise ValueError(f"filename must be a plain name ending in .ckpt, got {filename!r}")
+        self.signals = tuple(signals)
+        self.filename = filename
+        self.requeue = requeue
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:  # no printing here: a handler may interrupt a print in progress
+            self.received = signum
+
+    def _install(self) -> None:
+        for name in self.signals:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received = signal.SIGTERM if trainer.received_sigterm else None
+        if not self._previous:
+            self._install()
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        local = self.received is not None
+        stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
+        if not stop:
+            return
+        signum = self.received or signal.SIGTERM
+        path = str(checkpoint_dir(trainer) / self.filename)
+        trainer.save_checkpoint(path)
+        requeued = self._requeue(trainer)
+        err = Preempted(signum, path, trainer.global_step, requeued)
+        rank_zero_info(str(err))
+        raise err
+
+    def _requeue(self, trainer: L.Trainer) -> bool:
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        under_slurm = env.auto_requeue if isinstance(env, SLURMEnvironment) else SLURMEnvironment.detect()
+        wanted = self.requeue if self.requeue is not None else under_slurm
+        job = slurm_job_id()
+        if not wanted or job is None or not trainer.is_global_zero:
+            return bool(wanted and job)
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}", flush=True)
+        return result.returncode == 0
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()

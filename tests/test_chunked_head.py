@@ -1,0 +1,113 @@
+"""Chunked log-probs / entropy / cross-entropy equal the full-vocabulary computation, values and gradients."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from recipes.parts.chunked_head import chunked_cross_entropy, chunked_token_logprobs, last_hidden_state, split_lm
+from recipes.parts.grpo_loss import token_entropy, token_logprobs
+
+
+def _tiny_lm(vocab: int = 97, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_token_logprobs_and_entropy_match_full_logits(chunk):
+    model = _tiny_lm()
+    ids = torch.randint(0, 97, (3, 11))
+    targets = torch.randint(0, 97, (3, 11))
+    weights = torch.randn(3, 11)
+
+    full = model(input_ids=ids).logits
+    ref = token_logprobs(full, targets, temperature=0.7)
+    (ref * weights).sum().backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    _, head = split_lm(model)
+    logp, ent = chunked_token_logprobs(last_hidden_state(model, input_ids=ids), head, targets, 0.7, chunk,
+                                       entropy=True)
+    (logp * weights).sum().backward()
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, token_entropy(full.detach(), 0.7), atol=1e-5, rtol=0)
+    assert not ent.requires_grad
+    grads = _grads(model)
+    assert grads.keys() == ref_grads.keys() and "lm_head.weight" in grads
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_no_grad_pass_builds_no_graph():
+    model = _tiny_lm()
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        logp, ent = chunked_token_logprobs(last_hidden_state(model, input_ids=ids), split_lm(model)[1], ids, 1.0, 3)
+    assert not logp.requires_grad and ent is None
+
+
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_cross_entropy_matches_hf_loss(chunk):
+    model = _tiny_lm()
+    ids = torch.randint(0, 97, (2, 13))
+    labels = ids.clone()
+    labels[0, :6] = -100  # a prompt
+    labels[1, 10:] = -100  # padding
+    ref = model(input_ids=ids, labels=labels).loss
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss = chunked_cross_entropy(last_hidden_state(model, input_ids=ids)[:, :-1], split_lm(model)[1], labels[:, 1:],
+                                 chunk)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=0)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_bad_arguments_are_named():
+    model = _tiny_lm()
+    h = torch.zeros(2, 3, 16)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_token_logprobs(h, model.lm_head, torch.zeros(2, 3, dtype=torch.long), chunk_size=0)
+    with pytest.raises(ValueError, match="do not align"):
+        chunked_token_logprobs(h, model.lm_head, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="decoder and an output head"):
+        split_lm(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_module_chunked_loss_equals_plain_loss(lora, tmp_path):
+    from datamodules.instruction import InstructionDataModule
+    from recipes.causal_lm import CausalLMModule, LoraSettings
+
+    dm = InstructionDataModule(synthetic_dir=str(tmp_path), synthetic_train_size=16, batch_size=4)
+    dm.prepare_data()
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    tiny = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2}
+    losses, grads = [], []
+    for chunk in (None, 5):
+        torch.manual_seed(0)
+        module = CausalLMModule(model_config=tiny, tokenizer_name="char", loss_chunk_size=chunk,
+                                lora=LoraSettings(r=2) if lora else None)
+        module.configure_model()
+        loss = module.lm_loss(batch)
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert any("lora" in n for n in grads[0]) == lora
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        CausalLMModule(model_config=tiny, tokenizer_name="char", loss_chunk_size=0)
