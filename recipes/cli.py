@@ -103,6 +103,8 @@ class RecipesCLI(LightningCLI):
             ckpt = config.get("ckpt_path")
             if self.subcommand in ("validate", "test") and ckpt and Path(ckpt).is_file():  # beside the training run
                 kwargs["logger"] = eval_loggers(ckpt, self.subcommand, config["wandb"], config["wandb_project"])
+                # the restored ModelCheckpoint state names the training run's folder; evaluation saves nothing
+                warnings.filterwarnings("ignore", "The dirpath has changed from", UserWarning)
             else:
                 kwargs["logger"] = default_loggers(root, name, config["wandb"], config["wandb_project"],
                                                    version=self.resume_plan.version)

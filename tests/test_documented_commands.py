@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +35,10 @@ SMALL_DATA = {  # by data module: the same small data for every command of a pag
     "datamodules.VerifiableQADataModule": {"--data.init_args.synthetic_sft_size": "64",
                                            "--data.init_args.synthetic_train_size": "64",
                                            "--data.init_args.synthetic_val_size": "8"},
-    "datamodules.ChestXray14DataModule": {"--data.init_args.phantom_patients": "24"},
-    "datamodules.CheXpertDataModule": {"--data.init_args.phantom_patients": "24"},
+    "datamodules.ChestXray14DataModule": {"--data.init_args.phantom_patients": "24",
+                                          "--data.init_args.phantom_image_size": "64"},
+    "datamodules.CheXpertDataModule": {"--data.init_args.phantom_patients": "24",
+                                       "--data.init_args.phantom_image_size": "64"},
 }
 SMALL_MODEL = {"recipes.GRPOModule": {"--model.init_args.sft_steps": "2"}}
 
@@ -202,10 +205,13 @@ def documented_runs(tmp_path_factory, request) -> dict[str, tuple[Path, list[Com
     monkeypatch = pytest.MonkeyPatch()
     request.addfinalizer(monkeypatch.undo)
     results = {}
+    shared_data = tmp_path_factory.mktemp("data")  # generated data sets are the same for every page: made once
+    times = tmp_path_factory.getbasetemp() / "documented_command_seconds.txt"
     for page in PAGES:
         cwd = tmp_path_factory.mktemp(page.stem)
         for name in LINKED:
             (cwd / name).symlink_to(ROOT / name)
+        (cwd / "data").symlink_to(shared_data)
         commands, failures = [], []
         for command in page_commands(page):
             where = f"{page.name}:{command.line}: {command.text}"
@@ -217,7 +223,10 @@ def documented_runs(tmp_path_factory, request) -> dict[str, tuple[Path, list[Com
             except subprocess.CalledProcessError as err:
                 failures.append(f"{where}\n  shell expansion failed: {err.stderr}")
                 continue
+            start = time.perf_counter()
             error = run(command, cwd, monkeypatch)
+            with times.open("a") as f:
+                f.write(f"{time.perf_counter() - start:6.1f} s  {where[:150]}\n")
             commands.append(command)
             if error:
                 failures.append(f"{where}\n  run as {command.rule}: {error}")

@@ -53,7 +53,7 @@ def test_keep_adapters_writes_peft_adapters_and_base(lora_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_vit_and_mae_checkpoints_export_to_timm(tmp_path):
+def test_vit_and_mae_checkpoints_export_to_timm_and_test_beside_the_run(tmp_path):
     mae_run = run_recipe("fit", "mae_pretrain_cxr", tmp_path)
     mae = MAEPretrainModule.load_from_checkpoint(last_checkpoint(mae_run), map_location="cpu").eval()
     main(["export", "--ckpt_path", str(last_checkpoint(mae_run)), "--out", str(tmp_path / "mae_timm")])
@@ -67,7 +67,14 @@ def test_vit_and_mae_checkpoints_export_to_timm(tmp_path):
     ckpt = last_checkpoint(vit_run)
     vit = ViTClassifierModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "vit_timm")])
+    encoder_path = str(mae_run / "encoder.pth")
     shutil.rmtree(mae_run)  # the classifier checkpoint holds its weights: the MAE files are not needed any more
+    # `test` of the checkpoint, with the config that trained it, writes beside the training run
+    run_recipe("test", "vit_finetune_cxr", tmp_path, "--model.init_args.init_from", encoder_path, "--ckpt_path",
+               str(ckpt))
+    eval_dir = vit_run / "eval" / "test_0"
+    assert (eval_dir / "test_auroc.csv").is_file() and (eval_dir / "test_auroc.png").is_file()
+    assert "test/auroc_macro" in (eval_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     classifier = timm.create_model(f"local-dir:{tmp_path / 'vit_timm'}", pretrained=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(classifier(images), vit(images))

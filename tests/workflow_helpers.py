@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from unittest import mock
 
 from recipes.cli import CONFIG_DIR, main
 
@@ -24,8 +26,10 @@ def run_recipe(subcommand: str, recipe: str, root: Path, *extra: str) -> Path:
     """Run ``subcommand`` of a shipped recipe briefly with logs and data under ``root``; returns the run folder."""
     data = ["--data.init_args.synthetic_dir", str(root / "synthetic")] if "cxr" not in recipe else \
         ["--data.init_args.phantom_dir", str(root / "phantom")]
-    main([subcommand, "--config", str(CONFIG_DIR / f"{recipe}.yaml"), "--trainer.default_root_dir", str(root / "runs"),
-          *QUICK, *SHORT_DATA.get(recipe, []), *data, *extra])
+    argv = [subcommand, "--config", str(CONFIG_DIR / f"{recipe}.yaml"), "--trainer.default_root_dir",
+            str(root / "runs"), *QUICK, *SHORT_DATA.get(recipe, []), *data, *extra]
+    with mock.patch.object(sys, "argv", ["recipes"]):  # LightningCLI reads args only from argv here
+        main(argv)
     runs = sorted((root / "runs" / recipe).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     return runs[-1] if runs else root / "runs" / recipe
 
