@@ -29,7 +29,8 @@ LINKED = ("recipes", "callbacks", "datamodules", "benchmarks", "pyproject.toml",
 # Appended to a `python -m recipes fit|validate|test` command unless the command sets the key itself.
 TRAINER_LIMITS = {"--trainer.max_steps": "2", "--trainer.limit_train_batches": "2", "--trainer.limit_val_batches": "1",
                   "--trainer.limit_test_batches": "1", "--trainer.val_check_interval": "1",
-                  "--trainer.check_val_every_n_epoch": "null", "--trainer.num_sanity_val_steps": "0"}
+                  "--trainer.check_val_every_n_epoch": "null", "--trainer.num_sanity_val_steps": "0",
+                  "--trainer.log_every_n_steps": "1", "--last_ckpt_every_steps": "1"}
 SMALL_DATA = {  # by data module: the same small data for every command of a page, so checkpoints fit
     "datamodules.InstructionDataModule": {"--data.init_args.synthetic_train_size": "100"},
     "datamodules.VerifiableQADataModule": {"--data.init_args.synthetic_sft_size": "64",

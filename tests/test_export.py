@@ -81,7 +81,7 @@ def test_vit_and_mae_checkpoints_export_to_timm_and_test_beside_the_run(tmp_path
     assert classifier.pretrained_cfg["label_names"] == vit.label_names
     # a plain state_dict load into the same architecture works as well
     plain = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=14, img_size=64, in_chans=1,
-                              patch_size=8, embed_dim=96, depth=4, num_heads=3)
+                              global_pool="avg", patch_size=8, embed_dim=96, depth=4, num_heads=3)
     plain.load_state_dict(classifier.state_dict())
 
 
