@@ -3,8 +3,8 @@
 A Qwen2-shaped model with the Qwen2.5 vocabulary (151,936) and a small hidden size, 64 completions x 256 tokens
 (after a 32-token prompt), on the CPU. The measured phase is one rollout batch's work after generation: the
 old-policy and reference log-prob passes (no grad) and one update (log-probs with grad, entropy statistic, clipped
-surrogate + k3 KL, backward). Ours is ``GRPOModule.rollout_logprobs`` / ``completion_logprobs`` with the module's
-default ``logprob_chunk_size``, the update over all completions at once. The baseline is the unchunked computation
+surrogate + k3 KL, backward), through ``GRPOModule.rollout_logprobs`` and ``mini_batch_loss``. Ours: the module's
+default ``logprob_chunk_size``, all completions in one pass and one update. The baseline: ``logprob_chunk_size=None``
 (``policy_logits`` -> ``token_logprobs`` / ``token_entropy`` on full [n, T, V] fp32 logits) in passes of
 ``--baseline-batch`` completions (gradients accumulated), so that it fits this machine; one pass over all
 completions, as the module did before, would hold ``completions / baseline-batch`` times more. Each variant runs in
@@ -33,7 +33,7 @@ from peak_memory import phase_report, phase_start, run_child  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from recipes.grpo import GRPOModule  # noqa: E402
-from recipes.parts.grpo_loss import aggregate, clipped_surrogate, k3_kl, token_entropy, token_logprobs  # noqa: E402
+from recipes.parts.rollout import Rollout  # noqa: E402
 
 KL_COEF = 0.04
 
@@ -75,50 +75,36 @@ def inputs(args) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tens
     return model, reference, batch
 
 
-def loss_of(logp, old, ref, advantages, mask, max_length: int) -> torch.Tensor:
-    per_token, _ = clipped_surrogate(logp, old, advantages)
-    per_token = per_token + KL_COEF * k3_kl(logp, ref)
-    return aggregate(per_token, mask, "max_length", max_length)  # sum / (n * T): splits exactly into passes
-
-
 def child(args) -> None:
     model, reference, b = inputs(args)
-    module = GRPOModule(model_config={"model_type": "qwen2"}, kl_coef=KL_COEF)  # the default logprob_chunk_size
+    chunked = args.child == "chunked"
+    # mu=2 so that the old-policy pass runs; ours: the default chunk size, all completions in one pass and one update
+    module = GRPOModule(model_config={"model_type": "qwen2"}, kl_coef=KL_COEF, mu=2, max_new_tokens=args.tokens,
+                        **({} if chunked else {"logprob_chunk_size": None, "logprob_batch_size": args.baseline_batch}))
     module.model = model
-    n, t = args.completions, args.tokens
-    rows = ("prompt_ids", "prompt_mask", "completion", "cmask")
+    module._reference.append(reference)
+    n = args.completions
+    valid = torch.ones(n, dtype=torch.bool)
+    rollout = Rollout(prompt_ids=b["prompt_ids"], prompt_mask=b["prompt_mask"], completion=b["completion"],
+                      cmask=b["cmask"], rewards=torch.zeros(n), correct=valid, valid=valid,
+                      advantages=b["advantages"], loss_mask=b["cmask"])
+    stats: dict[str, list[torch.Tensor]] = {}
     phase_start()
-    if args.child == "chunked":
-        old = module.rollout_logprobs(model, *(b[k] for k in rows))
-        ref = module.rollout_logprobs(reference, *(b[k] for k in rows))
-        logp, entropy = module.completion_logprobs(model, *(b[k] for k in rows), entropy=True)
-        loss = loss_of(logp, old, ref, b["advantages"], b["cmask"], t)
-        loss.backward()
-        ent = float((entropy * b["cmask"]).sum())
-    else:
-        size = args.baseline_batch
-        passes = [slice(i, i + size) for i in range(0, n, size)]
-        with torch.no_grad():
-            old = torch.cat([token_logprobs(module.policy_logits(model, *(b[k][s] for k in rows)), b["completion"][s])
-                             for s in passes])
-            ref = torch.cat([token_logprobs(module.policy_logits(reference, *(b[k][s] for k in rows)),
-                                            b["completion"][s]) for s in passes])
-        logps, loss, ent = [], 0.0, 0.0
-        for s in passes:
-            logits = module.policy_logits(model, *(b[k][s] for k in rows))
-            logp = token_logprobs(logits, b["completion"][s])
-            part = loss_of(logp, old[s], ref[s], b["advantages"][s], b["cmask"][s], t) * (logp.shape[0] / n)
-            with torch.no_grad():
-                ent += float((token_entropy(logits) * b["cmask"][s]).sum())
-            part.backward()
-            logps.append(logp.detach())
-            loss = loss + part.detach()
-            del logits, logp, part
-        logp = torch.cat(logps)
+    module.rollout_logprobs(rollout)
+    size = n if chunked else args.baseline_batch
+    loss = 0.0
+    for start in range(0, n, size):  # the baseline accumulates gradients over passes (sequence_mean splits exactly)
+        idx = torch.arange(start, min(start + size, n))
+        part = module.mini_batch_loss(rollout, idx, stats) * (len(idx) / n)
+        part.backward()
+        loss = loss + part.detach()
     report = phase_report(variant=args.child)
+    entropy = float(sum(e * (size / n) for e in stats["grpo/entropy"]))
+    logp = torch.cat([module.completion_logprobs(model, *rollout.inputs(slice(i, i + 8)))[0].detach()
+                      for i in range(0, n, 8)])  # after the phase: the current policy's log-probs, for comparison
     grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-    torch.save({"old": old, "ref": ref, "logp": logp.detach(), "loss": torch.as_tensor(loss).detach(),
-                "entropy": ent, "grads": grads}, args.save)
+    torch.save({"old": rollout.old_logp, "ref": rollout.ref_logp, "logp": logp, "loss": torch.as_tensor(loss),
+                "entropy": entropy, "grads": grads}, args.save)
     print(report)
 
 

@@ -34,7 +34,7 @@ def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
                                    intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
                                    num_attention_heads=args.hidden // 64,
                                    num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq_len)
-    return transformers.LlamaForCausalLM(cfg).to(device).train()
+    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, args.dtype)).train()
 
 
 def timed_steps(model, optimizer, batches, before_step, device) -> float:
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per configuration per round")
     parser.add_argument("--theta-bar", type=float, default=0.5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and AdamW state")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps timings steady on a shared box)")
     args = parser.parse_args()
     if args.quick:
@@ -103,7 +104,7 @@ def main() -> None:
     expected = (t_out + fraction * (t_base - t_out)) / t_base
     print(json.dumps({
         "benchmark": "layer_drop_speed", "device": str(device), "threads": args.threads, "layers": args.layers,
-        "hidden": args.hidden, "theta": args.theta_bar, "fraction_computed": round(fraction, 4),
+        "hidden": args.hidden, "dtype": args.dtype, "theta": args.theta_bar, "fraction_computed": round(fraction, 4),
         "fraction_expected": round(sum(pld.keep_probabilities(LATE_STEP, args.layers)) / args.layers, 4),
         "step_s_baseline": round(t_base, 5), "step_s_pld": round(t_pld, 5), "step_s_outside_blocks": round(t_out, 5),
         "ratio": round(t_pld / t_base, 4), "expected_ratio": round(expected, 4),

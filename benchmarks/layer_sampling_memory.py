@@ -51,17 +51,21 @@ def worker(method: str, args: argparse.Namespace) -> dict:
 
     cuda = args.device == "cuda"
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
+    heads = args.heads or args.hidden // 64
     cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
-                                   num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                                   num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq,
-                                   tie_word_embeddings=False)
+                                   num_hidden_layers=args.layers, num_attention_heads=heads,
+                                   num_key_value_heads=args.kv_heads or heads, max_position_embeddings=args.seq,
+                                   tie_word_embeddings=args.tie)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.device(args.device):  # built where it trains, in the dtype it trains in (fast at 1B+ on a GPU)
+        model = transformers.AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16 if args.precision == "bf16-true" else torch.float32)
     total_params = sum(p.numel() for p in model.parameters())
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                 target_modules="all-linear"))
 
     class Bench(L.LightningModule):
         def __init__(self):
@@ -133,6 +137,10 @@ def main() -> None:
     parser.add_argument("--mlp", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=4000)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 64)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: as many as heads)")
+    parser.add_argument("--tie", action="store_true", help="tie the output head to the embedding (Llama-3.2)")
+    parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--interval", type=int, default=2)

@@ -106,6 +106,7 @@ def finetune(method: str, base: Path, work: Path, steps: int, seed: int, lr: flo
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     out = {"exact_match": round(metrics["test/exact_match"], 4), "loss": round(metrics["test/loss"], 4),
            "train_seconds": round(seconds, 1)}
+    print(f"{method} seed {seed}: {out}", file=sys.stderr, flush=True)
     if method == "owlore":
         out["owlore_probabilities"] = [round(float(p), 3) for p in callbacks[0].probabilities()]
     if method == "lisa_importance":
@@ -122,19 +123,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora_lr", type=float, default=3e-3)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32, help="fine-tuning batch size")
+    parser.add_argument("--pretrain_batch_size", type=int, default=32)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--cache", default=str(ROOT / "data" / "layer_sampling_quality"),
                         help="where the pre-trained base is cached (keyed by its settings)")
     args = parser.parse_args()
     if args.quick:  # a few minutes on a busy shared 2-core CPU (OMP_NUM_THREADS=1 helps there)
-        args.pretrain_steps, args.steps, args.batch_size, args.seeds = 60, 16, 16, 1
+        args.pretrain_steps, args.steps, args.batch_size, args.pretrain_batch_size, args.seeds = 60, 16, 16, 16, 1
     # BAdam's rule K = max(n / (B * D), 50), capped so that every block is visited within the budget
     n_blocks = MODEL["num_hidden_layers"]
     badam_interval = max(1, min(max(2000 // (args.batch_size * n_blocks), 50), args.steps // n_blocks))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = pretrain(work, args.pretrain_steps, args.batch_size, Path(args.cache))
+        base = pretrain(work, args.pretrain_steps, args.pretrain_batch_size, Path(args.cache))
         runs = {m: [finetune(m, base, work, args.steps, s, args.lr, args.lora_lr, args.batch_size, badam_interval)
                     for s in range(args.seeds)]
                 for m in args.methods.split(",")}
@@ -143,6 +145,7 @@ def main() -> None:
         base_metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(
             base_module, datamodule=datamodule, verbose=False)[0]
     summary = {"benchmark": "layer_sampling_quality", "pretrain_steps": args.pretrain_steps,
+               "pretrain_batch_size": args.pretrain_batch_size,
                "batch_size": args.batch_size,
                "finetune_steps": args.steps, "seeds": args.seeds, "badam_interval": badam_interval,
                "pretrain_tasks": list(PRETRAIN_TASKS), "finetune_task": "sorting",

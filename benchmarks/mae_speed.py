@@ -60,14 +60,17 @@ def main() -> None:
     parser.add_argument("--decoder-depth", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side (after 3 warm-up steps)")
     parser.add_argument("--quick", action="store_true", help="ViT-S/16 at 112 px, batch 8, 6 steps (CPU)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and images")
     args = parser.parse_args()
     if args.quick:
         args.img_size, args.batch, args.steps = 112, 8, 6
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     mae = MAEPretrainModule(model_name=args.model, img_size=args.img_size, in_chans=1, decoder_dim=args.decoder_dim,
-                            decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio).to(device)
-    imgs = torch.randn(args.batch, 1, args.img_size, args.img_size, device=device)
+                            decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio)
+    dtype = getattr(torch, args.dtype)
+    mae = mae.to(device, dtype)
+    imgs = torch.randn(args.batch, 1, args.img_size, args.img_size, device=device, dtype=dtype)
 
     def mae_step() -> None:
         loss, _, _ = mae(imgs)
@@ -96,7 +99,8 @@ def main() -> None:
     mae_flops, full_flops = counted_flops(mae_step), counted_flops(full_step)
     mae_s, full_s = statistics.median(mae_times), statistics.median(full_times)
     print(json.dumps({
-        "benchmark": "mae_speed", "device": str(device), "model": args.model, "img_size": args.img_size,
+        "benchmark": "mae_speed", "device": str(device), "dtype": args.dtype, "model": args.model,
+        "img_size": args.img_size,
         "batch": args.batch, "mask_ratio": args.mask_ratio, "decoder": [args.decoder_dim, args.decoder_depth],
         "mae_step_s": round(mae_s, 5), "full_step_s": round(full_s, 5), "time_ratio": round(mae_s / full_s, 4),
         "speedup": round(full_s / mae_s, 3), "counted_flop_ratio": round(mae_flops / full_flops, 4),

@@ -19,6 +19,10 @@ _EXPORTS = {
     "RunInfoLogger": "callbacks.run_info",
     "ExactResume": "callbacks.exact_resume",
     "StepProgressBar": "callbacks.progress",
+    "PreemptionCheckpoint": "callbacks.preemption",
+    "PeriodicLastCheckpoint": "callbacks.periodic_checkpoint",
+    "EmptyFitGuard": "callbacks.empty_fit",
+    "OptimizerSettingsOnResume": "callbacks.resume_settings",
 }
 __all__ = list(_EXPORTS)
 

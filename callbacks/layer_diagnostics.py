@@ -199,6 +199,10 @@ class LayerDiagnostics(Callback):
         pl_module.eval()
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
+                # a model that draws at random in eval mode (MAE masking) draws alike at every measurement
+                torch.random.default_generator.manual_seed(0)
+                if devices:
+                    torch.cuda.manual_seed(0)  # the current device only: the one fork_rng restores
                 mask = token_mask(batch)
                 stats, outputs = probe_blocks(self._blocks, lambda: forward_batch(pl_module, batch), mask,
                                               keep_outputs=self.logit_lens)

@@ -26,6 +26,7 @@ Requirements:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import lightning as L
@@ -86,8 +87,13 @@ class LISA(Callback):
             raise ValueError(f"interval must be a positive number of optimizer steps, got {interval}")
         if weights is not None:
             weights = [float(w) for w in weights]
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"weights must be non-negative with a positive sum, got {weights}")
+            if not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(f"weights must be finite and non-negative, got {weights}")
+            positive = sum(w > 0 for w in weights)
+            if positive < n_layers:
+                raise ValueError(f"weights has {positive} positive entries ({weights}) but n_layers={n_layers} blocks "
+                                 "are drawn at a time without replacement, so a zero-weight block would be trained; "
+                                 f"expected at least {n_layers} positive weights, or a smaller n_layers")
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if sampling == "importance" and weights is not None:
@@ -185,7 +191,7 @@ class LISA(Callback):
 
     def _measure_importance(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
         """Mean of ``importance_metric`` per block over the first ``importance_batches`` training batches."""
-        totals = torch.zeros(len(self.parts), dtype=torch.float64)
+        totals, seen = torch.zeros(len(self.parts), dtype=torch.float64), 0
         was_training = pl_module.training
         pl_module.eval()
         with torch.random.fork_rng(devices=[]):  # iterating the loader must not shift the training data order
@@ -196,8 +202,11 @@ class LISA(Callback):
                 stats, _ = probe_blocks(self.parts.blocks, lambda b=batch: forward_batch(pl_module, b),
                                         token_mask(batch))
                 totals += torch.tensor(stats[self.importance_metric], dtype=torch.float64)
+                seen += 1
         pl_module.train(was_training)
-        values = (totals / self.importance_batches).tolist()
+        if seen == 0:
+            raise ValueError("LISA(sampling='importance') needs at least one training batch to measure on")
+        values = (totals / seen).tolist()
         return trainer.strategy.broadcast(values, src=0)  # every rank samples with rank 0's measurement
 
     def draw(self, num_blocks: int) -> list[int]:

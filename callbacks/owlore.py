@@ -23,7 +23,9 @@ and fresh moments. ``galore=False`` gives outlier-weighted LISA with any optimiz
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +35,7 @@ from torch import nn
 from typing_extensions import override
 
 from callbacks.core.galore import GaLoreAdamW
+from callbacks.core.layer_stats import forward_batch
 from callbacks.lisa import LISA
 
 
@@ -44,7 +47,8 @@ def outlier_scores(blocks: Sequence[nn.Module], batches: Iterable, forward: Call
     ``forward(batch)`` runs the model on one batch; hooks on the blocks' linear layers accumulate the squared
     L2 norm of every input feature over all tokens.
     """
-    linears = [[m for m in block.modules() if isinstance(m, nn.Linear)] for block in blocks]
+    named = [[(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)] for block in blocks]
+    linears = [[m for _, m in block] for block in named]
     sq_norms: dict[nn.Linear, torch.Tensor] = {}
 
     def hook(module: nn.Linear, args: tuple) -> None:
@@ -60,11 +64,24 @@ def outlier_scores(blocks: Sequence[nn.Module], batches: Iterable, forward: Call
             handle.remove()
     scores = []
     for index, block in enumerate(linears):
-        if not block or any(lin not in sq_norms for lin in block):
-            raise ValueError(f"Block {index} has no nn.Linear layer that ran during calibration; OwLore needs them")
+        if not block:
+            raise ValueError(f"Block {index} ({type(blocks[index]).__name__}) has no nn.Linear layer; OwLore's "
+                             "outlier scores are computed from them")
+        idle = [name for name, lin in named[index] if lin not in sq_norms]
+        if idle:
+            raise ValueError(f"Block {index}: the nn.Linear layer(s) {idle} did not run during calibration (the "
+                             "forward pass did not reach them); every block's linear layers must run on a batch")
         metric = torch.cat([(lin.weight.detach().float().abs() * sq_norms[lin].sqrt()).flatten() for lin in block])
         scores.append(float((metric > threshold * metric.mean()).float().mean() * 100))
     return scores
+
+
+def check_scores(scores: list[float], source: str) -> None:
+    """``ValueError`` naming ``source`` unless every score is a finite, non-negative outlier ratio."""
+    bad = [(i, s) for i, s in enumerate(scores) if not (math.isfinite(s) and s >= 0)]
+    if bad:
+        raise ValueError(f"{source}: outlier scores must be finite and non-negative (one D_l in percent per block); "
+                         f"got {bad[:5]} as (block, score)")
 
 
 class OwLore(LISA):
@@ -106,8 +123,10 @@ class OwLore(LISA):
             raise ValueError(f"outlier_threshold must be positive, got {outlier_threshold}")
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be at least 1, got {calibration_batches}")
-        if scores is not None and (any(s < 0 for s in scores) or sum(scores) <= 0):
-            raise ValueError(f"scores must be non-negative with a positive sum, got {list(scores)}")
+        if scores is not None:
+            check_scores([float(s) for s in scores], "scores")
+            if sum(scores) <= 0:
+                raise ValueError(f"scores must have a positive sum, got {list(scores)}")
         self.outlier_threshold = outlier_threshold
         self.calibration_batches = calibration_batches
         self.scores = [float(s) for s in scores] if scores is not None else None
@@ -117,6 +136,8 @@ class OwLore(LISA):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        if self.scores is None and not (self.scores_file and Path(self.scores_file).exists()):
+            self._check_blocks_have_linears()
         if self.galore:
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             if not isinstance(optimizer, GaLoreAdamW):
@@ -124,6 +145,17 @@ class OwLore(LISA):
                                 ": set model.optimizer.class_path to "
                                 "callbacks.core.galore.GaLoreAdamW, or galore=False")
             optimizer.set_projected(p for block in self._block_params for p in block)
+
+    def _check_blocks_have_linears(self) -> None:
+        """Calibration scores the ``nn.Linear`` layers of every block: name a block that has none, and its layers."""
+        for index, block in enumerate(self.parts.blocks):
+            if not any(isinstance(m, nn.Linear) for m in block.modules()):
+                layers = sorted({type(m).__name__ for m in block.modules()
+                                 if any(p.ndim == 2 for p in m.parameters(recurse=False))})
+                raise ValueError(f"OwLore computes outlier scores from the nn.Linear layers of each block, but block "
+                                 f"{index} ({self.parts.blocks_path}.{index}, {type(block).__name__}) has none: its "
+                                 f"weight layers are {layers}. Pass scores (or a scores_file) computed for this "
+                                 "model, or use OwLore with a model whose blocks are built from nn.Linear")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -150,9 +182,11 @@ class OwLore(LISA):
         path = Path(self.scores_file) if self.scores_file else None
         if path is not None and path.exists():
             try:
-                return [float(s) for s in json.loads(path.read_text())["scores"]]
+                scores = [float(s) for s in json.loads(path.read_text())["scores"]]
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{path}: expected JSON {{\"scores\": [numbers, one per block]}}: {err}") from err
+            check_scores(scores, f"scores_file {path}")
+            return scores
         scores = self._calibrate(trainer, pl_module)
         scores = trainer.strategy.broadcast(scores, src=0)  # every rank samples with rank 0's scores
         if path is not None and trainer.is_global_zero:
@@ -167,16 +201,11 @@ class OwLore(LISA):
                     return
                 yield trainer.strategy.batch_to_device(batch)
 
-        def forward(batch) -> None:
-            if isinstance(batch, dict):
-                pl_module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-            else:
-                pl_module(batch[0] if isinstance(batch, (list, tuple)) else batch)
-
         was_training = pl_module.training
         pl_module.eval()
         with torch.random.fork_rng(devices=[]):  # iterating the loader must not shift the training data order
-            scores = outlier_scores(self.parts.blocks, batches(), forward, self.outlier_threshold)
+            scores = outlier_scores(self.parts.blocks, batches(), partial(forward_batch, pl_module),
+                                    self.outlier_threshold)
         pl_module.train(was_training)
         return scores
 

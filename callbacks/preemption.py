@@ -109,7 +109,7 @@ class PreemptionCheckpoint(Callback):
         raise err
 
     def _requeue(self, trainer: L.Trainer) -> bool:
-        env = getattr(trainer.strategy, "cluster_environment", None)
+        env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
         under_slurm = env.auto_requeue if isinstance(env, SLURMEnvironment) else SLURMEnvironment.detect()
         wanted = self.requeue if self.requeue is not None else under_slurm
         job = slurm_job_id()

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.generated import generate_once, keyed_dir
-from datamodules.jsonl_records import DataError
+from datamodules.jsonl_records import DataError, read_utf8
 from datamodules.phantom_cxr import NIH_LABELS, write_phantom_nih
-from datamodules.xray_dataset import RAND_AUGMENT, BadInput, XrayDataModule, XrayRecord, check_images, patient_split
+from datamodules.xray_dataset import (
+    RAND_AUGMENT,
+    BadInput,
+    XrayDataModule,
+    XrayRecord,
+    check_images,
+    patient_split,
+    remove_leaks,
+)
 
 CSV_NAME = "Data_Entry_2017.csv"
 REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
@@ -46,43 +56,69 @@ def parse_finding_labels(text: str, where: str) -> list[float]:
 
 
 def read_data_entry(path: Path, images: dict[str, Path], bad: BadInput) -> dict[str, XrayRecord | None]:
-    """Records by image name from ``Data_Entry_2017.csv`` (``None`` for a skipped row); images are checked later."""
+    """Records by image name from ``Data_Entry_2017.csv`` (``None`` for a skipped row); images are checked later.
+
+    A row without an image name or a patient ID, and an image listed twice with different labels or patients,
+    go to ``bad``; a row repeated identically is read once.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: point root at the NIH ChestX-ray14 folder")
     records: dict[str, XrayRecord | None] = {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise DataError(f"{path}: missing required column(s) {missing}; found {columns}")
-        for lineno, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str | None)}
-            name, where = row["Image Index"], f"{path}:{lineno}"
-            try:
-                labels = parse_finding_labels(row["Finding Labels"], f"{where} (image {name})")
-            except DataError as err:
-                bad("unknown_label", str(err))
+    first: dict[str, XrayRecord] = {}
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing required column(s) {missing}; found {columns}")
+    for lineno, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str | None)}
+        name, where = row["Image Index"], f"{path}:{lineno}"
+        if not name:
+            bad("missing_name", f"{where}: the row has no Image Index")
+            continue
+        if not row["Patient ID"]:
+            bad("missing_patient", f"{where}: image {name} has no Patient ID; the patient-disjoint split needs one")
+            records[name] = None
+            continue
+        try:
+            labels = parse_finding_labels(row["Finding Labels"], f"{where} (image {name})")
+        except DataError as err:
+            bad("unknown_label", str(err))
+            records[name] = None
+            continue
+        record = XrayRecord(images.get(name, path.parent / "images" / name), labels, row["Patient ID"], where)
+        if name in first:
+            earlier = first[name]
+            if (earlier.labels, earlier.patient) != (record.labels, record.patient):
+                line = earlier.where.rsplit(":", 1)[1]
+                bad("conflicting_duplicate", f"{where}: image {name} is listed again with other labels or patient "
+                                             f"than at line {line} ({row['Finding Labels']!r}, patient "
+                                             f"{record.patient!r}); which one is right?")
                 records[name] = None
-                continue
-            records[name] = XrayRecord(images.get(name, path.parent / "images" / name), labels, row["Patient ID"])
+            continue
+        first[name] = records[name] = record
     return records
 
 
 def read_split_list(path: Path, records: dict[str, XrayRecord | None], bad: BadInput) -> list[XrayRecord]:
-    """The records named in an official split list, in file order (rows already skipped are left out quietly)."""
+    """The records named in an official split list, in file order, each with ``where`` = its line in the list
+    (rows already skipped are left out quietly; they were counted when skipped)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the NIH folder ships train_val_list.txt and test_list.txt")
-    out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    out, seen = [], {}
+    for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):
         name = line.strip()
         if not name:
             continue
         if name not in records:
             bad("not_in_csv", f"{path}:{lineno}: image {name!r} is listed in the split but absent from {CSV_NAME}")
             continue
+        if name in seen:
+            bad("duplicate_in_split", f"{path}:{lineno}: image {name!r} is listed again (first at line {seen[name]})")
+            continue
+        seen[name] = lineno
         if records[name] is not None:
-            out.append(records[name])
+            out.append(replace(records[name], where=f"{path}:{lineno}"))
     return out
 
 
@@ -100,7 +136,10 @@ class ChestXray14DataModule(XrayDataModule):
         val_fraction: share of the train_val patients held out for validation.
         seed: seed of the patient split.
         skip_bad: skip (count and log) bad entries instead of raising: missing/unreadable image, unknown label,
-            image listed in a split but absent from the CSV. A missing column is always an error.
+            row without image name or patient ID, image listed twice with different labels (both rows dropped),
+            image listed in a split but absent from the CSV or listed twice; test leakage (an image in both
+            split lists, a patient with images on both sides) drops the training side's entries. A missing
+            column is always an error.
         verify_images: check every image file at setup without decoding it (catches truncated or unreadable files
             early; otherwise only existence).
         rand_augment / crop_scale / mean / std: see ``datamodules.xray_transforms.build_xray_transform``.
@@ -161,6 +200,7 @@ class ChestXray14DataModule(XrayDataModule):
         bad = BadInput(hp.skip_bad)
         records = read_data_entry(root / CSV_NAME, image_index(root), bad)
         lists = {split: read_split_list(root / name, records, bad) for split, name in SPLIT_FILES.items()}
+        lists["train_val"] = remove_leaks(lists["train_val"], lists["test"], bad)
         lists = {split: check_images(recs, bad, hp.verify_images) for split, recs in lists.items()}
         for split, recs in lists.items():
             if not recs:

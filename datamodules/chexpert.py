@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.generated import generate_once, keyed_dir
-from datamodules.jsonl_records import DataError
+from datamodules.jsonl_records import DataError, read_utf8
 from datamodules.phantom_cxr import CHEXPERT_LABELS, write_phantom_chexpert
-from datamodules.xray_dataset import RAND_AUGMENT, BadInput, XrayDataModule, XrayRecord, check_images, patient_split
+from datamodules.xray_dataset import (
+    RAND_AUGMENT,
+    BadInput,
+    XrayDataModule,
+    XrayRecord,
+    check_images,
+    label_coverage,
+    patient_split,
+    remove_leaks,
+)
 
 COMPETITION_LABELS = ("Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion")
 POLICIES = ("ones", "zeros", "ignore")
 # The paper's code: U-Ones for Edema and Atelectasis, U-Zeros for everything else.
 DEFAULT_POLICY = {"Edema": "ones", "Atelectasis": "ones"}
+VIEW_COLUMN = "Frontal/Lateral"
 _VALUES = {"1.0": 1.0, "1": 1.0, "0.0": 0.0, "0": 0.0, "-1.0": -1.0, "-1": -1.0, "": 0.0}
 
 
@@ -54,31 +65,56 @@ def resolve_image_path(root: Path, rel: str) -> Path:
 
 def read_chexpert_csv(path: Path, root: Path, labels: list[str], policy: dict[str, str], frontal_only: bool,
                       bad: BadInput) -> list[XrayRecord]:
-    """Records of one CheXpert CSV with label vectors under ``policy``."""
+    """Records of one CheXpert CSV with label vectors under ``policy``.
+
+    Column names and the view (``Frontal``/``Lateral``) are matched case-insensitively. A row whose ``Path`` has
+    no ``patientNNNNN`` folder, an unknown view or value, and a ``Path`` listed again with other labels go to
+    ``bad``; a row repeated identically is read once.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: point root at the CheXpert folder holding train.csv/valid.csv")
-    records = []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        required = ["Path", *(["Frontal/Lateral"] if frontal_only else []), *labels]
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise DataError(f"{path}: missing required column(s) {missing}; found {columns}")
-        for lineno, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str | None)}
-            where = f"{path}:{lineno}"
-            if frontal_only and row["Frontal/Lateral"] != "Frontal":
+    records: list[XrayRecord] = []
+    first: dict[str, XrayRecord] = {}
+    conflicting: set[str] = set()
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    found = [c.strip() for c in reader.fieldnames or []]
+    canonical = {name.lower(): name for name in ["Path", VIEW_COLUMN, *labels]}
+    columns = [canonical.get(c.lower(), c) for c in found]
+    required = ["Path", *([VIEW_COLUMN] if frontal_only else []), *labels]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing required column(s) {missing}; found {found}")
+    for lineno, raw in enumerate(reader, start=2):
+        row = {canonical.get((k or "").strip().lower(), (k or "").strip()): (v or "").strip()
+               for k, v in raw.items() if isinstance(v, str | None)}
+        where = f"{path}:{lineno}"
+        if frontal_only:
+            view = row[VIEW_COLUMN].lower()
+            if view not in ("frontal", "lateral"):
+                bad("bad_view", f"{where}: {VIEW_COLUMN} is {row[VIEW_COLUMN]!r}; expected Frontal or Lateral")
                 continue
-            unknown = [(label, row[label]) for label in labels if row[label] not in _VALUES]
-            if unknown:
-                bad("bad_value", f"{where}: value(s) {unknown} are not 1.0, 0.0, -1.0 (uncertain) or blank")
+            if view != "frontal":
                 continue
-            match = re.search(r"patient\d+", row["Path"])
-            patient = match.group(0) if match else row["Path"]
-            records.append(XrayRecord(resolve_image_path(root, row["Path"]),
-                                      [label_value(row[label], policy[label]) for label in labels], patient))
-    return records
+        unknown = [(label, row[label]) for label in labels if row[label] not in _VALUES]
+        if unknown:
+            bad("bad_value", f"{where}: value(s) {unknown} are not 1.0, 0.0, -1.0 (uncertain) or blank")
+            continue
+        match = re.search(r"patient\d+", row["Path"])
+        if match is None:
+            bad("missing_patient", f"{where}: Path {row['Path']!r} names no patient folder (patientNNNNN); the "
+                                   "patient-disjoint split needs one")
+            continue
+        record = XrayRecord(resolve_image_path(root, row["Path"]),
+                            [label_value(row[label], policy[label]) for label in labels], match.group(0), where)
+        earlier = first.get(row["Path"])
+        if earlier is None:
+            first[row["Path"]] = record
+            records.append(record)
+        elif earlier.labels != record.labels and row["Path"] not in conflicting:
+            conflicting.add(row["Path"])
+            bad("conflicting_duplicate", f"{where}: {row['Path']} is listed again with other labels than at line "
+                                         f"{earlier.where.rsplit(':', 1)[1]}; which one is right?")
+    return [r for r in records if str(r.path) not in {str(resolve_image_path(root, p)) for p in conflicting}]
 
 
 class CheXpertDataModule(XrayDataModule):
@@ -130,6 +166,7 @@ class CheXpertDataModule(XrayDataModule):
         self.label_names = names
         self.policy = resolve_policy(names, uncertainty)
         self.skipped: dict[str, int] = {}
+        self.label_report: dict[str, tuple[int, int, int]] = {}  # label -> training (positive, negative, ignored)
 
     @property
     def data_root(self) -> Path:
@@ -159,12 +196,21 @@ class CheXpertDataModule(XrayDataModule):
         bad = BadInput(hp.skip_bad)
         read = {split: read_chexpert_csv(root / f"{split}.csv", root, self.label_names, self.policy, hp.frontal_only,
                                          bad) for split in ("train", "valid")}
+        read["train"] = remove_leaks(read["train"], read["valid"], bad)
         read = {split: check_images(recs, bad, hp.verify_images) for split, recs in read.items()}
         for split, recs in read.items():
             if not recs:
                 raise DataError(f"{root / (split + '.csv')}: no usable images")
         train, val = patient_split(read["train"], hp.val_fraction, hp.seed)
         self.splits = {"train": train, "val": val, "test": read["valid"]}
+        self.label_report = label_coverage(train, self.label_names)
+        unusable = {name: counts for name, counts in self.label_report.items() if counts[0] == 0 or counts[1] == 0}
+        if unusable:
+            rank_zero_warn(f"CheXpert {root}: label(s) with no positive or no negative training entry under the "
+                           "uncertainty policy, so nothing can be learned for them: "
+                           + "; ".join(f"{name} ({self.policy[name]}: {pos} positive, {neg} negative, {ign} ignored)"
+                                       for name, (pos, neg, ign) in unusable.items())
+                           + ". Choose another policy for them or leave them out of labels")
         bad.warn(str(root))
         self.skipped = dict(bad.counts)
         rank_zero_info(f"CheXpert {root}: {len(train)} train / {len(val)} val / {len(read['valid'])} test images")

@@ -59,6 +59,9 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got batch_size={batch_size}, "
+                             f"num_workers={num_workers}")
         unknown = set(synthetic_tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"Unknown synthetic_tasks {sorted(unknown)}; expected a subset of {TASKS}")
@@ -109,7 +112,7 @@ class InstructionDataModule(L.LightningDataModule):
         for where, messages in records:
             example = encode_chat(self.tokenizer, messages, self.hparams.max_length, where)
             if with_answers:
-                example["prompt_ids"] = encode_prompt(self.tokenizer, messages)
+                example["prompt_ids"] = encode_prompt(self.tokenizer, messages, where)
                 example["answer"] = messages[-1]["content"]
             out.append(example)
         return out

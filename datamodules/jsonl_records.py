@@ -10,32 +10,53 @@ class DataError(ValueError):
     """Bad input data; the message names the file and line (or row) and what was expected."""
 
 
+def read_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); other bytes are a ``DataError`` naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); save the "
+                        "file as UTF-8") from err
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """All ``(line_number, record)`` pairs of a JSONL file; blank lines are allowed, anything else must parse."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist")
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            rows.append((lineno, record))
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        rows.append((lineno, record))
     if not rows:
         raise DataError(f"{path}: the file has no records (empty split)")
     return rows
 
 
+def field_text(value) -> str | None:
+    """A text field's value: a string as is, a number (``0`` included) as its JSON text, anything else ``None``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return json.dumps(value)
+    return None
+
+
 def _require_str(record: dict, key: str, where: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    value = field_text(record.get(key))
+    if value is None:
+        raise DataError(f"{where}: field {key!r} must be a string (or a number), got "
+                        f"{type(record.get(key)).__name__}")
     return value
 
 
@@ -43,7 +64,8 @@ def record_to_messages(record: dict, where: str) -> list[dict[str, str]]:
     """Normalize one record to chat messages ending with the assistant's response.
 
     Accepted forms: chat (``messages`` with ``role``/``content``), Alpaca (``instruction``, optional ``input``,
-    ``output``) and GSM8K (``question``, ``answer``).
+    ``output``) and GSM8K (``question``, ``answer``). A number in a text field is kept as its text (``"input": 0``
+    gives the line ``0``); only an absent, ``null`` or empty ``input`` adds nothing.
     """
     if "messages" in record:
         messages = record["messages"]
@@ -59,9 +81,7 @@ def record_to_messages(record: dict, where: str) -> list[dict[str, str]]:
         return [{"role": m["role"], "content": _require_str(m, "content", where)} for m in messages]
     if "instruction" in record:
         prompt = _require_str(record, "instruction", where)
-        extra = record.get("input") or ""
-        if not isinstance(extra, str):
-            raise DataError(f"{where}: field 'input' must be a string")
+        extra = "" if record.get("input") is None else _require_str(record, "input", where)
         if extra:
             prompt = f"{prompt}\n{extra}"
         return [{"role": "user", "content": prompt},

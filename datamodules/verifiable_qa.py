@@ -20,20 +20,11 @@ from torch.utils.data import DataLoader
 from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt, pad
 from datamodules.generated import generate_once, keyed_dir
 from datamodules.holdout import holdout_split
-from datamodules.jsonl_records import DataError, read_instruction_file, read_jsonl
+from datamodules.jsonl_records import DataError, field_text, read_instruction_file, read_jsonl
 from datamodules.resumable_sampler import resumable_sampler
 from datamodules.rewards import BUILTIN_REWARDS, RewardFn, normalize_reference
 from datamodules.synthetic_tasks import TASKS, make_problems
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
-
-
-def _text(value) -> str | None:
-    """A string field's text; a number (``0`` included) as its JSON text; anything else ``None``."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return json.dumps(value)
-    return None
 
 
 def read_verifiable_file(path: str | Path) -> tuple[str, list[tuple[str, dict]]]:
@@ -52,7 +43,7 @@ def read_verifiable_file(path: str | Path) -> tuple[str, list[tuple[str, dict]]]
             raise DataError(f"{where}: record is in {this} form but the file started in {form} form; use one form")
         form = this
         if form == "gsm8k":
-            reference = _text(record["answer"])
+            reference = field_text(record["answer"])
             if reference is None or "####" not in reference:
                 raise DataError(f"{where}: 'answer' must end with '#### <number>' (GSM8K form), got "
                                 f"{record['answer']!r}")
@@ -64,7 +55,7 @@ def read_verifiable_file(path: str | Path) -> tuple[str, list[tuple[str, dict]]]
             rows.append((where, {"question": question, "answer": number}))
         else:
             answers = record["answers"]
-            texts = [_text(a) for a in answers] if isinstance(answers, list) else []
+            texts = [field_text(a) for a in answers] if isinstance(answers, list) else []
             if not texts or any(t is None or not t.strip() for t in texts):
                 raise DataError(f"{where}: 'answers' must be a non-empty list of strings, none blank; got {answers!r}")
             rows.append((where, {"question": question, "answers": texts}))
@@ -141,6 +132,12 @@ class VerifiableQADataModule(L.LightningDataModule):
             raise ValueError(f"reward must be 'auto' or one of {sorted(BUILTIN_REWARDS)}, got {reward!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        sizes = {"batch_size": batch_size, "val_batch_size": val_batch_size, "sft_batch_size": sft_batch_size,
+                 "max_prompt_length": max_prompt_length, "sft_max_length": sft_max_length}
+        small = {k: v for k, v in sizes.items() if v < 1}
+        if small or num_workers < 0:
+            raise ValueError(f"{small or {'num_workers': num_workers}}: expected batch sizes and lengths >= 1 and "
+                             "num_workers >= 0")
         unknown = set(synthetic_tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"Unknown synthetic_tasks {sorted(unknown)}; expected a subset of {TASKS}")
@@ -213,7 +210,7 @@ class VerifiableQADataModule(L.LightningDataModule):
 
     def _encode(self, where: str, row: dict) -> dict:
         messages = self.messages(row["question"])
-        ids = encode_prompt(self.tokenizer, messages)
+        ids = encode_prompt(self.tokenizer, messages, where)
         if len(ids) > self.hparams.max_prompt_length:
             raise DataError(f"{where}: the prompt is {len(ids)} tokens, more than max_prompt_length="
                             f"{self.hparams.max_prompt_length}; raise it or shorten the question")

@@ -20,11 +20,12 @@ from datamodules.xray_transforms import RAND_AUGMENT, build_xray_transform, imag
 
 @dataclass
 class XrayRecord:
-    """One image: its file, its label vector (1 / 0, or -1 = ignored) and its patient."""
+    """One image: its file, its label vector (1 / 0, or -1 = ignored), its patient and where it was listed."""
 
     path: Path
     labels: list[float]
     patient: str
+    where: str = ""
 
 
 class XrayDataset(Dataset):
@@ -79,6 +80,36 @@ def check_images(records: list[XrayRecord], bad: BadInput, verify: bool) -> list
     return kept
 
 
+def remove_leaks(train: list[XrayRecord], test: list[XrayRecord], bad: BadInput) -> list[XrayRecord]:
+    """``train`` without test leakage: an image in both lists, or an image of a patient who has test images, is a
+    ``DataError`` naming both places; with ``skip_bad`` those training entries are dropped and counted."""
+    test_images = {r.path: r for r in test}
+    test_patients: dict[str, XrayRecord] = {}
+    for record in test:
+        test_patients.setdefault(record.patient, record)
+    kept = []
+    for record in train:
+        if record.path in test_images:
+            bad("leak_image", f"{record.where}: image {record.path.name} is also in the test split "
+                              f"({test_images[record.path].where}); an image must be in one split only")
+        elif record.patient in test_patients:
+            bad("leak_patient", f"{record.where}: image {record.path.name} belongs to patient {record.patient!r}, "
+                                f"who has test images too (e.g. {test_patients[record.patient].where}); a "
+                                "patient's images must all be on one side")
+        else:
+            kept.append(record)
+    return kept
+
+
+def label_coverage(records: list[XrayRecord], names: list[str]) -> dict[str, tuple[int, int, int]]:
+    """``label -> (positives, negatives, ignored)`` over ``records``."""
+    out = {}
+    for k, name in enumerate(names):
+        values = [r.labels[k] for r in records]
+        out[name] = (values.count(1.0), values.count(0.0), values.count(-1.0))
+    return out
+
+
 def patient_split(records: list[XrayRecord], val_fraction: float,
                   seed: int) -> tuple[list[XrayRecord], list[XrayRecord]]:
     """Seeded split by patient: no patient has images on both sides; ``val_fraction`` of the patients go to val."""
@@ -103,8 +134,9 @@ class XrayDataModule(L.LightningDataModule):
         super().__init__()
         if mode not in ("pretrain", "finetune"):
             raise ValueError(f"mode must be 'pretrain' (MAE crops) or 'finetune' (RandAugment), got {mode!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be positive and num_workers >= 0, got batch_size={batch_size}, "
+                             f"num_workers={num_workers}")
         self.batch_size = batch_size
         self.label_names: list[str] = []
         self.splits: dict[str, list[XrayRecord]] = {}
@@ -139,4 +171,5 @@ class XrayDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-__all__ = ["RAND_AUGMENT", "BadInput", "XrayDataModule", "XrayDataset", "XrayRecord", "check_images", "patient_split"]
+__all__ = ["RAND_AUGMENT", "BadInput", "XrayDataModule", "XrayDataset", "XrayRecord", "check_images", "label_coverage",
+           "patient_split", "remove_leaks"]

@@ -6,7 +6,8 @@ Modes:
   ``rand_augment_transform``, the policy string of the paper; no mixup/cutmix).
 - ``eval``: resize the short side to ``image_size / crop_pct`` and center crop ``image_size``.
 
-Every image becomes one gray channel first (RGB/RGBA PNGs and 16-bit PNGs included); with ``in_chans=3`` the
+Every image becomes one gray channel first (RGB/RGBA PNGs and 16-bit PNGs included; high bit depths are scaled
+by their real bit depth, see :func:`load_xray`); with ``in_chans=3`` the
 gray channel is replicated after augmentation, as the paper's code does for ImageNet-shaped encoders.
 """
 
@@ -33,8 +34,44 @@ GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
 IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L")
 
 
+STANDARD_BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def png_significant_bits(path: str | Path) -> int | None:
+    """The gray channel's significant bits from a PNG's ``sBIT`` chunk (``None`` without one or for non-PNGs)."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"sBIT":
+                data = f.read(length)
+                return data[0] if data else None
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            f.seek(length + 4, 1)  # chunk data and CRC
+
+
+def bit_depth(arr: np.ndarray, path: str | Path) -> int:
+    """The real bit depth of a high-bit-depth gray image: the PNG ``sBIT`` chunk when it covers the pixel values,
+    else the smallest of 8/10/12/14/16 bits (or more, for 32-bit images) that holds the largest value."""
+    top = int(arr.max()) if arr.size else 0
+    declared = png_significant_bits(path)
+    if declared and top < 2**declared:
+        return declared
+    needed = max(1, top.bit_length())
+    return next((b for b in STANDARD_BIT_DEPTHS if needed <= b), needed)
+
+
 def load_xray(path: str | Path) -> Image.Image:
-    """Open an X-ray as an 8-bit single-channel ``L`` image; a missing or unreadable file is a ``DataError``."""
+    """Open an X-ray as an 8-bit single-channel ``L`` image; a missing or unreadable file is a ``DataError``.
+
+    16-bit (and 32-bit integer) images are scaled by their real bit depth (:func:`bit_depth`), so 12-bit data in
+    a 16-bit PNG spans the full 0-255 range instead of its bottom 16 grey levels: ``round(v / (2**bits - 1) * 255)``.
+    """
     try:
         with Image.open(path) as im:
             if im.mode not in IMAGE_MODES:
@@ -42,13 +79,18 @@ def load_xray(path: str | Path) -> Image.Image:
                                 "image")
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if im.mode.startswith("I;16") else max(1.0, float(arr.max()))
-                return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+                arr = np.asarray(im).astype(np.int64)
+                if arr.size and arr.min() < 0:
+                    raise DataError(f"Image file {path} has negative pixel values (min {arr.min()}); expected a "
+                                    "gray image with values from 0")
+                top = 2 ** bit_depth(arr, path) - 1
+                return Image.fromarray(np.rint(arr * (255.0 / top)).astype(np.uint8), "L")
             return im.convert("L")
     except FileNotFoundError as err:
         raise DataError(f"Image file {path} does not exist") from err
     except (OSError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(f"Image file {path} is unreadable: {err}") from err
 
 

@@ -13,7 +13,12 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.tokenizer import load_tokenizer
 from recipes.parts.chunked_head import chunked_cross_entropy, last_hidden_state, split_lm
-from recipes.parts.hf_model import build_causal_lm, enable_activation_checkpointing, module_tokenizer
+from recipes.parts.hf_model import (
+    build_causal_lm,
+    check_sequence_lengths,
+    enable_activation_checkpointing,
+    module_tokenizer,
+)
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
 
 
@@ -119,6 +124,18 @@ class CausalLMModule(L.LightningModule):
         if self.lora is not None:
             model = _apply_lora(model, self.lora)
         self.model = model
+
+    def on_fit_start(self) -> None:
+        """Sequences the data can produce must fit the model's positions (checked before the first step)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or "max_length" not in getattr(datamodule, "hparams", {}):
+            return
+        lengths = {"data.max_length": int(datamodule.hparams.max_length)}
+        prompts = [len(e["prompt_ids"]) for split in ("val", "test")
+                   for e in getattr(datamodule, "datasets", {}).get(split, []) if "prompt_ids" in e]
+        if prompts and self.hparams.exact_match_batches > 0:
+            lengths["longest evaluation prompt + model.max_new_tokens"] = max(prompts) + self.hparams.max_new_tokens
+        check_sequence_lengths(self.model, lengths)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.model is None and self.tokenizer is None:

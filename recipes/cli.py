@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -21,6 +23,7 @@ from callbacks.finite_loss import FiniteLossGuard
 from callbacks.periodic_checkpoint import PeriodicLastCheckpoint
 from callbacks.preemption import Preempted, PreemptionCheckpoint
 from callbacks.progress import StepProgressBar
+from callbacks.resume_settings import OptimizerSettingsOnResume
 from callbacks.run_info import RunInfoLogger
 from recipes import resume
 from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
@@ -35,7 +38,7 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                nested = yaml.safe_load(self.parser.dump(self.config, skip_none=False))  # filterable keys
+                nested = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))  # filterable keys
                 logger.experiment.config.update(nested, allow_val_change=True)
 
 
@@ -62,7 +65,7 @@ class RecipesCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
                                                              LearningRateMonitor(logging_interval="step"),
                                                              RecipesProgressBar(), EmptyFitGuard(),
-                                                             PreemptionCheckpoint()]})
+                                                             PreemptionCheckpoint(), OptimizerSettingsOnResume()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -89,6 +92,20 @@ class RecipesCLI(LightningCLI):
             self.config[sub]["ckpt_path"] = self.resume_plan.path
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
+            if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints
+                warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
+
+    def instantiate_classes(self) -> None:
+        """Build the configured classes; a class's own argument error comes out as itself (its type and message
+        last on the screen), not wrapped in jsonargparse's dump of every type the value was tried against."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = argument_error(err)
+            if cause is err:
+                raise
+            print(f"Error in the run's configuration: {type(cause).__name__}: {cause}\n", file=sys.stderr)
+            raise cause from None
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -110,12 +127,16 @@ class RecipesCLI(LightningCLI):
                                                    version=self.resume_plan.version)
             if self.resume_plan.version is None:
                 self.own_run_dir = kwargs["logger"][0].log_dir  # claimed for this run
+        given = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
         unused = (LearningRateMonitor,) if config["trainer"].get("logger") is False else ()  # nothing to log to
-        unused += (StepProgressBar,) if config["trainer"].get("enable_progress_bar") is False else ()
+        unused += (StepProgressBar,) if own_bar or config["trainer"].get("enable_progress_bar") is False else ()
         defaults = self.trainer_defaults
         defaults["callbacks"] = [c for c in defaults["callbacks"] if not isinstance(c, unused)]
-        if not config["trainer"].get("plugins"):
-            kwargs["plugins"] = [AtomicCheckpointIO()]
+        plugins = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"].get("plugins")
+        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         if self.subcommand == "fit":
             periodic = PeriodicLastCheckpoint(config["last_ckpt_every_minutes"], config["last_ckpt_every_steps"])
             self.trainer_defaults = {**self.trainer_defaults,
@@ -137,6 +158,17 @@ class RecipesCLI(LightningCLI):
             return config["run_name"]
         paths = config.get("config") or []
         return Path(str(paths[-1])).stem if paths else "run"
+
+
+def argument_error(err: BaseException) -> BaseException:
+    """The first exception in ``err``'s chain of causes that was raised outside jsonargparse (by a class)."""
+    current: BaseException | None = err
+    while current is not None:
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and "jsonargparse" not in Path(frames[-1].filename).parts:
+            return current
+        current = current.__cause__
+    return err
 
 
 def recipe_summaries() -> dict[str, str]:
@@ -187,6 +219,8 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     # peft's LoRA wrapper asks transformers 5 for `is_gradient_checkpointing`, which transformers 5 deprecates
     warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+    # LightningCLI calls jsonargparse APIs that jsonargparse 4.49 deprecates (shown only when -W asks for them)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
 
 
 def main(argv: list[str] | None = None) -> None:

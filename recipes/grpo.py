@@ -36,7 +36,7 @@ from recipes.parts.grpo_loss import (
     token_entropy,
     token_logprobs,
 )
-from recipes.parts.hf_model import build_causal_lm, module_tokenizer
+from recipes.parts.hf_model import build_causal_lm, check_sequence_lengths, module_tokenizer
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
 from recipes.parts.rollout import Rollout
 
@@ -191,6 +191,7 @@ class GRPOModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._load_sft_state()
+        self._check_sequence_lengths()
         if self.hparams.sft_steps > 0 and not self._sft_done:
             self._sft_warmup()
         self._sft_done = True
@@ -200,6 +201,18 @@ class GRPOModule(L.LightningModule):
         self._verifier = self.trainer.datamodule.reward_fn()
         if self.hparams.sft_checkpoint and self.reward_funcs is None:
             check_sft_fits_verifier(self._sft_data_hparams, self._verifier, self.hparams.sft_checkpoint)
+
+    def _check_sequence_lengths(self) -> None:
+        """The longest prompt plus the completion budget, and the warm-up examples, must fit the model's positions."""
+        hp, data = self.hparams, getattr(self.trainer.datamodule, "datasets", {})
+        budget = max(hp.max_new_tokens, hp.val_max_new_tokens or 0)
+        prompts = [len(r["prompt_ids"]) for split in ("train", "val") for r in data.get(split, [])]
+        lengths = {}
+        if prompts:
+            lengths[f"longest prompt ({max(prompts)}) + max_new_tokens ({budget})"] = max(prompts) + budget
+        if hp.sft_steps > 0 and data.get("sft"):
+            lengths["longest SFT warm-up example (data.sft_max_length)"] = max(len(e["input_ids"]) for e in data["sft"])
+        check_sequence_lengths(self.model, lengths)
 
     def _sft_warmup(self) -> None:
         """Supervised warm-up on the data module's ``sft`` split: response-token cross-entropy, AdamW, fixed LR."""
@@ -380,17 +393,18 @@ class GRPOModule(L.LightningModule):
         if rollout.old_logp is None:  # one update per rollout: idx is every completion in order, old == current
             rollout.old_logp = logp.detach()
         old, m, advantages = rollout.old_logp[idx], rollout.loss_mask[idx], rollout.advantages[idx]
+        valid = rollout.valid[idx]  # dropped completions count in no denominator
         per_token, clipped = clipped_surrogate(logp, old, advantages, hp.eps_low, hp.eps_high)
         ref = rollout.ref_logp[idx] if rollout.ref_logp is not None else None
         if ref is not None:
             kl = k3_kl(logp, ref)
             per_token = per_token + hp.kl_coef * kl
-            _add(stats, "grpo/kl", aggregate(kl.detach(), m, hp.loss_aggregation, hp.max_new_tokens))
-        loss = aggregate(per_token, m, hp.loss_aggregation, hp.max_new_tokens)
+            _add(stats, "grpo/kl", aggregate(kl.detach(), m, hp.loss_aggregation, hp.max_new_tokens, valid))
+        loss = aggregate(per_token, m, hp.loss_aggregation, hp.max_new_tokens, valid)
         _add(stats, "loss/grpo", loss.detach())
         tokens = PolicyTokens(logp=logp, old_logp=old, ref_logp=ref, advantages=advantages, mask=m, action_mask=m,
                               answer_mask=None if rollout.answer_mask is None else rollout.answer_mask[idx],
-                              valid=rollout.valid[idx])
+                              valid=valid)
         for name, fn in self.loss_terms.items():
             out = fn(tokens)
             value, extra = out if isinstance(out, tuple) else (out, {})

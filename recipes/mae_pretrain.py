@@ -21,7 +21,14 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from typing_extensions import override
 
-from recipes.parts.mae_masking import masked_mse, patchify, random_masking, sincos_pos_embed_2d, unpatchify
+from recipes.parts.mae_masking import (
+    check_mask_ratio,
+    masked_mse,
+    patchify,
+    random_masking,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 from recipes.parts.optim import decay_groups, effective_batch_size, scaled_lr, warmup_cosine_scheduler
 
 
@@ -65,8 +72,9 @@ class MAEPretrainModule(L.LightningModule):
         export_encoder: bool = True,
     ) -> None:
         super().__init__()
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), the share of patches removed (paper 0.9); "
+                             f"got {mask_ratio}")
         if decoder_dim % decoder_heads:
             raise ValueError(f"decoder_dim={decoder_dim} must be divisible by decoder_heads={decoder_heads}")
         self.save_hyperparameters()
@@ -79,6 +87,7 @@ class MAEPretrainModule(L.LightningModule):
         self.patch_size = enc.patch_embed.patch_size[0]
         self.grid = tuple(enc.patch_embed.grid_size)
         self.num_prefix = 0 if enc.no_embed_class else enc.num_prefix_tokens
+        check_mask_ratio(mask_ratio, self.grid[0] * self.grid[1])
         # Fixed sin-cos position embeddings, as in MAE: the class-token row is zero and nothing is learned.
         with torch.no_grad():
             enc.pos_embed.copy_(sincos_pos_embed_2d(enc.embed_dim, self.grid, self.num_prefix).unsqueeze(0))
@@ -141,6 +150,7 @@ class MAEPretrainModule(L.LightningModule):
                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, pred, mask)``: masked-patch MSE, predicted patches ``(N, L, p*p*C)`` and the mask (1 = removed)."""
         ratio = self.hparams.mask_ratio if mask_ratio is None else mask_ratio
+        check_mask_ratio(ratio, self.grid[0] * self.grid[1])  # the loss is a mean over the removed patches
         latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise=noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = masked_mse(pred, patchify(imgs, self.patch_size), mask, norm_pix=self.hparams.norm_pix_loss)

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
 from callbacks import ProgressiveLayerDrop  # noqa: E402
-from tests.test_layer_drop import TinyLM  # noqa: E402
+from tests.conftest import VOCAB, TinyModule  # noqa: E402
 
 
 class Recorder(L.Callback):
@@ -28,12 +28,12 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     pld = ProgressiveLayerDrop(theta_bar=0.3, gamma=1.0, seed=11)
     recorder = Recorder(pld)
-    ids = torch.randint(0, 61, (24, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (24, 8), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
     trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[pld, recorder],
                         strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=True))
-    module = TinyLM()
+    module = TinyModule(optimizer_cls=torch.optim.SGD, lr=0.1)
     trainer.fit(module, loader)
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
     torch.save({"masks": recorder.masks, "weights": weights}, out / f"rank{trainer.global_rank}.pt")

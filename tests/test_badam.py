@@ -7,7 +7,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import BAdam
 from callbacks.lisa import optimizer_state_bytes
-from tests.sampling_helpers import TinyLM, token_loader, trainer
+from tests.conftest import TinyModule, tiny_loader
+from tests.sampling_helpers import trainer
 from tests.test_lisa import moved_blocks, snapshot
 
 OUTSIDE = ("embed_tokens.weight", "lm_head.weight", "model.norm.weight")
@@ -42,8 +43,8 @@ class StepProbe(L.Callback):
 def test_one_block_in_order_and_state_only_for_it(tmp_path, order, visits):
     badam = BAdam(interval=2, order=order)
     probe = StepProbe(badam)
-    module = TinyLM(layers=4)
-    trainer([badam, probe], 12, tmp_path).fit(module, token_loader(batches=12))
+    module = TinyModule(layers=4)
+    trainer([badam, probe], 12, tmp_path).fit(module, tiny_loader(batches=12))
     rows = probe.rows
     assert [r["active"][0] for r in rows] == [b for b in visits for _ in range(2)]
     for step, row in enumerate(rows):
@@ -58,7 +59,7 @@ def test_one_block_in_order_and_state_only_for_it(tmp_path, order, visits):
 def test_random_order_is_a_permutation_per_pass(tmp_path):
     badam = BAdam(interval=1, order="random", seed=4)
     probe = StepProbe(badam)
-    trainer([badam, probe], 20, tmp_path).fit(TinyLM(layers=5), token_loader(batches=20))
+    trainer([badam, probe], 20, tmp_path).fit(TinyModule(layers=5), tiny_loader(batches=20))
     visits = [r["active"][0] for r in probe.rows]
     passes = [visits[i:i + 5] for i in range(0, 20, 5)]
     assert all(sorted(p) == list(range(5)) for p in passes), passes
@@ -69,24 +70,25 @@ def test_random_order_is_a_permutation_per_pass(tmp_path):
 def test_always_on_parts_on_request(tmp_path):
     badam = BAdam(interval=3, train_head=True, train_norm=True)
     probe = StepProbe(badam)
-    trainer([badam, probe], 3, tmp_path).fit(TinyLM(layers=3), token_loader(batches=3))
+    trainer([badam, probe], 3, tmp_path).fit(TinyModule(layers=3), tiny_loader(batches=3))
     assert all(r["outside_moved"] == {"lm_head", "norm"} and r["moved"] == {2} for r in probe.rows)
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # resumes from the full run's checkpoint on purpose
 def test_resume_mid_pass_matches_uninterrupted(tmp_path):
-    def run(ckpt=None):
+    def run(root, ckpt=None):
         badam = BAdam(interval=2, order="random", seed=7)
-        module = TinyLM(layers=3)
-        saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
-        trainer([badam, saver], 14, tmp_path, enable_checkpointing=True).fit(module, token_loader(batches=1),
-                                                                            ckpt_path=ckpt)
+        module = TinyModule(layers=3)
+        saver = ModelCheckpoint(dirpath=root, every_n_train_steps=5, save_top_k=-1)
+        trainer([badam, saver], 14, root, enable_checkpointing=True).fit(module, tiny_loader(batches=1),
+                                                                        ckpt_path=ckpt)
         return module, badam
 
-    full, full_badam = run()
-    ckpt = next(tmp_path.glob("*step=5.ckpt"))  # mid-interval, mid-way through the first pass
+    full, full_badam = run(tmp_path / "full")
+    ckpt = next((tmp_path / "full").glob("*step=5.ckpt"))  # mid-interval, mid-way through the first pass
     state = torch.load(ckpt, weights_only=False)["callbacks"]["BAdam"]
     assert state["position"] == 3 and state["sampled_at"] == 4
-    resumed, resumed_badam = run(ckpt)
+    resumed, resumed_badam = run(tmp_path / "resumed", ckpt)
     assert resumed_badam.state_dict()["pass_order"] == full_badam.state_dict()["pass_order"]
     for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
@@ -100,4 +102,4 @@ def test_argument_checks(tmp_path):
     with pytest.raises(ValueError, match="interval"):
         BAdam(interval=0)
     with pytest.raises(ValueError, match="order lists block 4 but the model has only 4 blocks"):
-        trainer([BAdam(order=[0, 4])], 1, tmp_path).fit(TinyLM(), token_loader(batches=1))
+        trainer([BAdam(order=[0, 4])], 1, tmp_path).fit(TinyModule(), tiny_loader(batches=1))

@@ -16,9 +16,7 @@ from datamodules.tokenizer import build_char_tokenizer
 from recipes.causal_lm import CausalLMModule, LoraSettings
 from recipes.parts.loggers import default_loggers
 from recipes.parts.optim import decay_groups, warmup_cosine
-
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+from tests.conftest import TINY_LM_CONFIG as TINY
 
 
 def _module(**kwargs) -> CausalLMModule:

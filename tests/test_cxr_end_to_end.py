@@ -9,8 +9,9 @@ from callbacks.mae_reconstruction import MAEReconstructionLogger
 from datamodules.chestxray14 import ChestXray14DataModule
 from recipes.mae_pretrain import MAEPretrainModule
 from recipes.vit_classifier import ViTClassifierModule
+from tests.conftest import TINY_VIT_KWARGS
 
-TINY = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
+TINY = {**TINY_VIT_KWARGS, "embed_dim": 64, "depth": 2}  # wide enough to learn the phantom findings
 
 
 def trainer(tmp_path, epochs: int, name: str, **kwargs) -> L.Trainer:

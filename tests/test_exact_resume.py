@@ -11,10 +11,10 @@ from lightning.pytorch.loggers import CSVLogger
 from callbacks.exact_resume import ExactResume
 from datamodules.instruction import InstructionDataModule
 from recipes.causal_lm import CausalLMModule
+from tests.conftest import TINY_LM_CONFIG
 from tests.probe_callbacks import CrashAtStep
 
-TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64, "attention_dropout": 0.1}
+TINY = {**TINY_LM_CONFIG, "attention_dropout": 0.1}  # dropout draws random numbers: resume must restore them
 
 
 def _fit(root, max_steps, ckpt_path=None, every=None, crash_at=None):

@@ -8,10 +8,7 @@ from callbacks.llds import LLDS
 from datamodules.chat_encoding import pad
 from datamodules.verifiable_qa import VerifiableQADataModule
 from recipes.grpo import GRPOModule
-
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
-        "tie_word_embeddings": False}
+from tests.conftest import TINY_LM_CONFIG as TINY
 
 
 class MetricLog(L.Callback):
@@ -43,13 +40,31 @@ def module(**kwargs) -> GRPOModule:
     return GRPOModule(**kwargs)
 
 
+class OldPolicyCheck(GRPOModule):
+    """Compares the cached old log-probs with a separate forward of the policy that sampled the rollout."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.old_vs_sampler: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def mini_batch_loss(self, rollout, idx, stats):
+        with torch.no_grad():  # before this mini-batch's update: the weights that sampled the rollout (mu = 1)
+            sampler, _ = self.completion_logprobs(self.model, *rollout.inputs(idx))
+        loss = super().mini_batch_loss(rollout, idx, stats)
+        self.old_vs_sampler.append((rollout.old_logp[idx], sampler))
+        return loss
+
+
 def test_mu1_ratio_exactly_one_llds_exactly_zero_and_warns(tmp_path):
     torch.manual_seed(0)
-    m = module(mu=1, num_mini_batches=1)
+    m = OldPolicyCheck(model_config=TINY, num_generations=4, max_new_tokens=5, mu=1, num_mini_batches=1)
     with pytest.warns(UserWarning, match="LLDS is exactly zero"):
         _, log = fit(tmp_path, m, [LLDS()], steps=2)
+    # the ratio is 1 because the reused first forward gives the sampling policy's log-probs, token for token
+    assert len(m.old_vs_sampler) == 2
+    for old, sampler in m.old_vs_sampler:
+        torch.testing.assert_close(old, sampler, rtol=0, atol=1e-6)
     for step in log.steps:
-        assert step["grpo/ratio"] == 1.0
         assert step["llds/penalty"] == 0.0 and step["loss/llds"] == 0.0
         assert step["grpo/clip_fraction"] == 0.0
         assert {"grpo/reward_mean", "grpo/reward_std", "grpo/accuracy", "grpo/entropy", "grpo/completion_length",
@@ -114,14 +129,14 @@ def test_bad_reward_stops_run_with_its_name(tmp_path):
     m = module()
     m.reward_funcs = [broken]
     with pytest.raises(Exception, match="'broken' returned 1 rewards for 8 completions"):
-        fit(tmp_path, m, steps=1)
+        fit(tmp_path / "stopping", m, steps=1)
 
     def raises(prompts, completions, **columns):
         raise RuntimeError("judge offline")
 
     m = module(drop_bad_rewards=True)
     m.reward_funcs = [raises]
-    _, log = fit(tmp_path, m, steps=1)
+    _, log = fit(tmp_path / "dropping", m, steps=1)
     assert log.steps[0]["grpo/dropped"] == 8.0 and log.steps[0]["loss/grpo"] == 0.0
 
 

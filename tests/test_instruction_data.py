@@ -86,7 +86,7 @@ def test_local_tokenizer_directory(tmp_path, tok):
 BAD_CASES = {
     "malformed_json": (['{"instruction": "a", "output": "b"}', '{"instruction": '], r"bad\.jsonl:2: malformed JSON"),
     "missing_fields": ([{"instruction": "a", "output": "b"}, {"prompt": "x"}], r"bad\.jsonl:2: .*none of the expected"),
-    "wrong_type": ([{"instruction": "a", "output": 3}], r"bad\.jsonl:1: field 'output' must be a string"),
+    "wrong_type": ([{"instruction": "a", "output": ["b"]}], r"bad\.jsonl:1: field 'output' must be a string"),
     "bad_role": ([{"messages": [{"role": "bot", "content": "x"}]}], r"bad\.jsonl:1: messages\[0\] has role 'bot'"),
     "no_response": ([{"messages": [{"role": "user", "content": "x"}]}], r"bad\.jsonl:1: the last message must"),
     "empty_split": ([], r"bad\.jsonl: the file has no records"),

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks import LISA, LayerDiagnostics
 from callbacks.core.heatmap import draw_heatmap
 from callbacks.core.layer_stats import block_influence, relative_contribution
-from tests.sampling_helpers import SEQ, VOCAB, TinyLM, token_loader, trainer
+from tests.conftest import SEQ, VOCAB, TinyModule, tiny_loader
+from tests.sampling_helpers import trainer
 
 torch.set_num_threads(1)
 
@@ -90,8 +91,8 @@ def test_values_equal_a_hand_computation(tmp_path):
     diag = LayerDiagnostics(interval=2, probe_size=3)
     L.Trainer(max_steps=4, accelerator="cpu", logger=log, callbacks=[diag], default_root_dir=tmp_path,
               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False
-              ).fit(module, token_loader(batches=4))
-    ids = token_loader(batches=1).dataset.tensors[0][:3]
+              ).fit(module, tiny_loader(batches=4))
+    ids = tiny_loader(batches=1).dataset.tensors[0][:3]
     with torch.no_grad():
         h0 = module.embed(ids)
         h1 = module.blocks[0](h0)
@@ -139,7 +140,7 @@ def test_grad_norm_and_update_ratio_by_hand(tmp_path):
     diag = LayerDiagnostics(interval=3)
     L.Trainer(max_steps=3, accelerator="cpu", logger=log, callbacks=[GradProbe(), diag], default_root_dir=tmp_path,
               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False
-              ).fit(module, token_loader(batches=3))
+              ).fit(module, tiny_loader(batches=3))
     after = module.blocks[2].lin.weight.detach()
     step, last = log.rows[-1]
     assert step == 3
@@ -147,8 +148,8 @@ def test_grad_norm_and_update_ratio_by_hand(tmp_path):
     assert last["layers/update_ratio/2"] == pytest.approx(((after - before).norm() / after.norm()).item(), rel=1e-5)
 
 
-def lm_module(arch: str) -> TinyLM:
-    module = TinyLM(layers=3)
+def lm_module(arch: str) -> TinyModule:
+    module = TinyModule(layers=3)
     if arch == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=16, n_layer=3, n_head=2,
                                       resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
@@ -189,7 +190,7 @@ def image_loader(batches: int) -> DataLoader:
 def _run(arch: str, tmp_path, diagnostics: bool, steps: int = 6):
     L.seed_everything(0, verbose=False)
     module = TinyViT() if arch == "vit" else lm_module(arch)
-    loader = image_loader(steps) if arch == "vit" else token_loader(batches=steps)
+    loader = image_loader(steps) if arch == "vit" else tiny_loader(batches=steps)
     log = Recorder()
     diag = LayerDiagnostics(interval=2, logit_lens=arch != "vit") if diagnostics else None
     callbacks = [LISA(n_layers=1, interval=2, seed=1)] + ([diag] if diag else [])
@@ -227,13 +228,13 @@ def test_skipped_blocks_are_counted_with_layer_drop(tmp_path):
 
     def run(diagnostics: bool):
         L.seed_everything(0, verbose=False)
-        module, log = TinyLM(layers=4), Recorder()
+        module, log = TinyModule(layers=4), Recorder()
         diag = LayerDiagnostics(interval=4) if diagnostics else None
         pld = ProgressiveLayerDrop(theta_bar=0.2, gamma=10.0, keep_first=True, seed=3)
         callbacks = [pld] + ([diag] if diag else [])
         tr = trainer(callbacks, 8, tmp_path)
         tr._loggers = [log]  # noqa: SLF001
-        tr.fit(module, token_loader(batches=8))
+        tr.fit(module, tiny_loader(batches=8))
         return module, diag
 
     plain, _ = run(False)
@@ -275,12 +276,12 @@ def test_heatmaps_go_to_wandb_as_uint8_and_marks_are_drawn(tmp_path):
 def test_resume_logs_what_the_uninterrupted_run_logs(tmp_path):
     def run(ckpt=None):
         L.seed_everything(0, verbose=False)
-        module, log = TinyLM(layers=3), Recorder()
+        module, log = TinyModule(layers=3), Recorder()
         diag = LayerDiagnostics(interval=2, logit_lens=True)
         saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
         tr = trainer([LISA(n_layers=1, interval=2, seed=2), diag, saver], 8, tmp_path, enable_checkpointing=True)
         tr._loggers = [log]  # noqa: SLF001
-        tr.fit(module, token_loader(batches=1), ckpt_path=ckpt)
+        tr.fit(module, tiny_loader(batches=1), ckpt_path=ckpt)
         return diag, log
 
     full, full_log = run()
@@ -301,8 +302,8 @@ def test_lisa_importance_sampling_draws_by_block_influence(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             drawn.append(lisa.active[0])
 
-    trainer([lisa, Active()], 6, tmp_path).fit(module, token_loader(batches=6))
-    ids = token_loader(batches=6).dataset.tensors[0][:8]  # the first two batches of 4
+    trainer([lisa, Active()], 6, tmp_path).fit(module, tiny_loader(batches=6))
+    ids = tiny_loader(batches=6).dataset.tensors[0][:8]  # the first two batches of 4
     with torch.no_grad():
         h2 = module.blocks[1](module.blocks[0](module.embed(ids)))
         bi = block_influence(h2, module.blocks[2](h2))

@@ -7,25 +7,18 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import timm
 import torch
-import transformers
 from torch import nn
 
 from callbacks import ProgressiveLayerDrop
-
-LLAMA = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-             num_hidden_layers=4, max_position_embeddings=32)
-
-
-def tiny_llama(layers: int = 4) -> nn.Module:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, "num_hidden_layers": layers}))
+from callbacks.core.blocks import find_blocks
+from recipes.parts.hf_model import enable_activation_checkpointing
+from tests.conftest import LAYERWISE_ARCHS, VOCAB, TinyModule, model_inputs, tiny_model
 
 
-def tiny_vit() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=4)
+def output(model: nn.Module, arch: str, inputs: dict) -> torch.Tensor:
+    out = model(**inputs)
+    return out if arch == "vit" else out.logits
 
 
 def test_schedule_matches_closed_form():
@@ -80,31 +73,33 @@ def _draw_with_drops(pld: ProgressiveLayerDrop, blocks: int) -> list[bool]:
             return keep
 
 
-def test_dropped_llama_block_is_not_run_and_gets_no_grad():
-    model = tiny_llama(layers=6).train()
+@pytest.mark.parametrize("arch", LAYERWISE_ARCHS)
+def test_dropped_block_is_not_run_and_gets_no_grad(arch):
+    model = tiny_model(arch, layers=6).train()
     pld = ProgressiveLayerDrop(theta_bar=0.3, seed=1)
     pld.install(model)
-    calls = _call_counter(model.model.layers, "mlp")
+    parts = find_blocks(model)
+    calls = _call_counter(parts.blocks, "mlp")
     keep = _draw_with_drops(pld, 6)
-    ids = torch.randint(0, 61, (2, 7))
-    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    output(model, arch, model_inputs(arch)).square().mean().backward()
     assert calls == [int(k) for k in keep]
-    for block, kept in zip(model.model.layers, keep, strict=True):
+    for block, kept in zip(parts.blocks, keep, strict=True):
         grads = [p.grad for p in block.parameters()]
         assert all(g is not None for g in grads) if kept else all(g is None for g in grads)
-    assert model.model.embed_tokens.weight.grad is not None
+    named = dict(model.named_parameters())
+    assert all(named[n].grad is not None for n in parts.embedding)
 
 
 def test_gradient_checkpointing_recomputes_with_the_same_draw():
     grads = []
     for checkpointing in (False, True):
-        model = tiny_llama(layers=6).train()
+        model = tiny_model("llama", layers=6).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         pld = ProgressiveLayerDrop(theta_bar=0.3, seed=1)
         pld.install(model)
         _draw_with_drops(pld, 6)
-        ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
@@ -115,7 +110,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_draw():
 
 def test_vit_output_equals_hand_computation():
     """Kept blocks give x + (block(x) - x) / p_l, dropped blocks give x, with the same p_l as the draw."""
-    model = tiny_vit().train()
+    model = tiny_model("vit").train()
     images = torch.randn(2, 3, 32, 32)
     plain_blocks = [type(b).forward.__get__(b) for b in model.blocks]
     pld = ProgressiveLayerDrop(theta_bar=0.4, seed=3)
@@ -130,25 +125,26 @@ def test_vit_output_equals_hand_computation():
     assert len(set(pld.probs)) == 4  # the check above would catch a p taken from the wrong block
 
 
-def test_everything_kept_equals_plain_model_and_eval_is_unchanged():
-    plain, wrapped = tiny_llama(), tiny_llama()
-    ids = torch.randint(0, 61, (2, 9))
-    expected = plain.train()(input_ids=ids, use_cache=False).logits
+@pytest.mark.parametrize("arch", LAYERWISE_ARCHS)
+def test_everything_kept_equals_plain_model_and_eval_is_unchanged(arch):
+    plain, wrapped = tiny_model(arch), tiny_model(arch)
+    inputs = model_inputs(arch)
+    expected = output(plain.train(), arch, inputs)
     pld = ProgressiveLayerDrop(theta_bar=1.0)
     pld.install(wrapped.train())
     pld.sample(500, 4)
-    torch.testing.assert_close(wrapped(input_ids=ids, use_cache=False).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(output(wrapped, arch, inputs), expected, rtol=0, atol=0)
     # eval runs every block unscaled, even with a draw that drops blocks pending
     dropping = ProgressiveLayerDrop(theta_bar=0.5, seed=0)
     dropping.install(plain)
     _draw_with_drops(dropping, 4)
     plain.eval()
     wrapped.eval()
-    torch.testing.assert_close(plain(input_ids=ids).logits, wrapped(input_ids=ids).logits, rtol=0, atol=0)
+    torch.testing.assert_close(output(plain, arch, inputs), output(wrapped, arch, inputs), rtol=0, atol=0)
 
 
 def test_remove_restores_forward_and_state_dict_keys():
-    model = tiny_llama()
+    model = tiny_model("llama")
     keys = list(model.state_dict())
     pld = ProgressiveLayerDrop()
     pld.install(model)
@@ -183,27 +179,14 @@ def test_tuple_returning_blocks():
         torch.testing.assert_close(out[0], ref)
 
 
-class TinyLM(L.LightningModule):
-    def __init__(self, layers: int = 4):
-        super().__init__()
-        self.model = tiny_llama(layers)
-
-    def training_step(self, batch, batch_idx):
-        (ids,) = batch
-        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def _loader(n: int = 2) -> torch.utils.data.DataLoader:
-    ids = torch.randint(0, 61, (n, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (n, 8), generator=torch.Generator().manual_seed(0))
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
 
 
 def _fit(tmp: Path, max_steps: int, ckpt_path=None, pld=None, logger=False):
-    """Train TinyLM on one batch per epoch (resuming at any step sees the same data): module, callback, trainer."""
-    module = TinyLM()
+    """Train a tiny Llama with SGD on one batch per epoch (resuming at any step sees the same data)."""
+    module = TinyModule(optimizer_cls=torch.optim.SGD, lr=0.1)
     pld = pld or ProgressiveLayerDrop(theta_bar=0.5, gamma=0.5, seed=7)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=logger, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[pld],

@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.core.blocks import block_parameter_names, find_blocks
 from callbacks.lisa import LISA, optimizer_state_bytes
-from tests.sampling_helpers import TinyLM, token_loader, trainer
+from tests.conftest import LAYERWISE_ARCHS, TinyModule, tiny_loader
+from tests.sampling_helpers import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,20 +41,23 @@ class IntervalProbe(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         opt = trainer.optimizers[0]
         trainable = self.lisa.trainable_parameters()
+        parts = find_blocks(pl_module)
+        always_on = [*parts.embedding, *parts.head, *parts.final_norm]
+        named = dict(pl_module.named_parameters())
         self.rows.append({
             "active": list(self.lisa.active), "moved": moved_blocks(pl_module, self.before),
-            "always_on_moved": all(not torch.equal(p, self.before[n]) for n, p in pl_module.named_parameters()
-                                   if n.endswith(("embed_tokens.weight", "lm_head.weight", "model.norm.weight"))),
+            "always_on_moved": bool(always_on) and all(not torch.equal(named[n], self.before[n]) for n in always_on),
             "state_ids": {id(p) for p in opt.state}, "trainable_ids": {id(p) for p in trainable},
             "state_bytes": optimizer_state_bytes(opt), "trainable_numel": sum(p.numel() for p in trainable),
             "n_tensors": len(trainable)})
 
 
-def test_only_sampled_blocks_train_and_state_is_bounded(tmp_path):
+@pytest.mark.parametrize("arch", LAYERWISE_ARCHS)
+def test_only_sampled_blocks_train_and_state_is_bounded(tmp_path, arch):
     lisa = LISA(n_layers=2, interval=3, seed=1)
     probe = IntervalProbe(lisa)
-    module = TinyLM(layers=6)
-    trainer([lisa, probe], 24, tmp_path).fit(module, token_loader(batches=24))
+    module = TinyModule(arch, layers=6)
+    trainer([lisa, probe], 24, tmp_path).fit(module, tiny_loader(arch, batches=24))
     rows = probe.rows
     assert len(rows) == 24
     for step, row in enumerate(rows):
@@ -80,25 +84,29 @@ def test_resampled_block_starts_with_fresh_moments(tmp_path):
             block = lisa._block_params[lisa.active[0]][0]
             seen.append((lisa.active[0], int(trainer.optimizers[0].state[block]["step"])))
 
-    trainer([lisa, StepCount()], 12, tmp_path).fit(TinyLM(layers=2), token_loader(batches=12))
+    trainer([lisa, StepCount()], 12, tmp_path).fit(TinyModule(layers=2), tiny_loader(batches=12))
     for (prev_block, prev_steps), (block, steps) in zip(seen, seen[1:], strict=False):
         assert steps == (prev_steps + 1 if block == prev_block else 1)
     assert any(s == 1 for _, s in seen[1:]) and any(s > 1 for _, s in seen)
 
 
-def test_frozen_always_on_parts_and_no_double_draw_at_start(tmp_path):
+@pytest.mark.parametrize("arch", LAYERWISE_ARCHS)
+def test_frozen_always_on_parts_and_no_double_draw_at_start(tmp_path, arch):
     lisa = LISA(n_layers=1, interval=100, train_embedding=False, train_head=False, seed=0)
     draws = []
     original = lisa.draw
     lisa.draw = lambda n: draws.append(n) or original(n)
-    module = TinyLM()
+    module = TinyModule(arch)
+    parts = find_blocks(module)
     before = snapshot(module)
-    trainer([lisa], 3, tmp_path).fit(module, token_loader(batches=3))
+    trainer([lisa], 3, tmp_path).fit(module, tiny_loader(arch, batches=3))
     after = dict(module.named_parameters())
     assert len(draws) == 1
-    assert torch.equal(after["model.model.embed_tokens.weight"], before["model.model.embed_tokens.weight"])
-    assert torch.equal(after["model.lm_head.weight"], before["model.lm_head.weight"])
-    assert not torch.equal(after["model.model.norm.weight"], before["model.model.norm.weight"])
+    assert parts.embedding and parts.final_norm
+    for name in [*parts.embedding, *parts.head]:
+        assert torch.equal(after[name], before[name]), name
+    for name in parts.final_norm:
+        assert not torch.equal(after[name], before[name]), name
     assert moved_blocks(module, before) == set(lisa.active)
     assert all(p.requires_grad for p in module.parameters())  # the model is handed back unfrozen
 
@@ -106,26 +114,27 @@ def test_frozen_always_on_parts_and_no_double_draw_at_start(tmp_path):
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
 def test_gradient_checkpointing_with_frozen_embedding(tmp_path, mode):
     lisa = LISA(n_layers=2, interval=100, train_embedding=False, seed=2)
-    module = TinyLM(checkpointing=mode)
+    module = TinyModule(checkpointing=mode)
     before = snapshot(module)
-    trainer([lisa], 2, tmp_path).fit(module, token_loader(batches=2))
+    trainer([lisa], 2, tmp_path).fit(module, tiny_loader(batches=2))
     assert moved_blocks(module, before) == set(lisa.active)
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # resumes from the full run's checkpoint on purpose
 def test_resume_mid_interval_matches_uninterrupted(tmp_path):
     # one batch per epoch: Lightning restarts a non-stateful loader's epoch on resume, which is not LISA's concern
-    def run(ckpt=None):
+    def run(root, ckpt=None):
         lisa = LISA(n_layers=2, interval=4, seed=5)
-        module = TinyLM(layers=5)
-        saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1)
-        trainer([lisa, saver], 12, tmp_path, enable_checkpointing=True).fit(module, token_loader(batches=1),
-                                                                           ckpt_path=ckpt)
+        module = TinyModule(layers=5)
+        saver = ModelCheckpoint(dirpath=root, every_n_train_steps=6, save_top_k=-1)
+        trainer([lisa, saver], 12, root, enable_checkpointing=True).fit(module, tiny_loader(batches=1),
+                                                                       ckpt_path=ckpt)
         return module, lisa
 
-    full, full_lisa = run()
-    ckpt = next(tmp_path.glob("*step=6.ckpt"))  # mid-way through the second interval
+    full, full_lisa = run(tmp_path / "full")
+    ckpt = next((tmp_path / "full").glob("*step=6.ckpt"))  # mid-way through the second interval
     assert torch.load(ckpt, weights_only=False)["callbacks"]["LISA"]["sampled_at"] == 4
-    resumed, resumed_lisa = run(ckpt)
+    resumed, resumed_lisa = run(tmp_path / "resumed", ckpt)
     assert resumed_lisa.active == full_lisa.active
     for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
@@ -142,7 +151,7 @@ def test_argument_checks():
 
 def test_too_many_layers_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="n_layers=5 but the model has only 4 blocks"):
-        trainer([LISA(n_layers=5)], 1, tmp_path).fit(TinyLM(), token_loader(batches=1))
+        trainer([LISA(n_layers=5)], 1, tmp_path).fit(TinyModule(), tiny_loader(batches=1))
 
 
 @pytest.mark.slow
@@ -155,5 +164,5 @@ def test_two_rank_ddp_keeps_weights_identical(tmp_path):
     assert len({tuple(a) for a in r0["history"]}) > 1
     for name, w in r0["weights"].items():
         assert torch.equal(w, r1["weights"][name]), name
-    start = TinyLM().model.state_dict()
+    start = TinyModule().model.state_dict()
     assert any(not torch.equal(w, start[n]) for n, w in r0["weights"].items() if ".layers." in n)

@@ -8,8 +8,7 @@ import torch
 
 from recipes.mae_pretrain import MAEPretrainModule
 from recipes.parts.mae_masking import masked_mse, num_kept, patchify, random_masking, sincos_pos_embed_2d, unpatchify
-
-TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+from tests.conftest import TINY_VIT_KWARGS as TINY
 
 
 def tiny_mae(**kwargs) -> MAEPretrainModule:

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks.core.galore import GaLoreAdamW
 from callbacks.lisa import LISA, optimizer_state_bytes
 from callbacks.owlore import OwLore
-from tests.sampling_helpers import TinyLM, token_loader, trainer
+from tests.conftest import TinyModule, tiny_loader
+from tests.sampling_helpers import trainer
 
 
 class Chain(L.LightningModule):
@@ -98,9 +99,9 @@ def test_galore_state_only_for_sampled_blocks_and_smaller_than_lisa(tmp_path):
     owlore = OwLore(n_layers=2, interval=2, scores=scores, seed=0)
     lisa = LISA(n_layers=2, interval=2, seed=0)
     probe_o, probe_l = Probe(owlore), Probe(lisa)
-    trainer([owlore, probe_o], 6, tmp_path).fit(TinyLM(hidden=32, optimizer_cls=GaLoreAdamW, rank=4),
-                                                token_loader(batches=6))
-    trainer([lisa, probe_l], 6, tmp_path).fit(TinyLM(hidden=32), token_loader(batches=6))
+    trainer([owlore, probe_o], 6, tmp_path / "owlore").fit(TinyModule(optimizer_cls=GaLoreAdamW, rank=4),
+                                                           tiny_loader(batches=6))
+    trainer([lisa, probe_l], 6, tmp_path / "lisa").fit(TinyModule(), tiny_loader(batches=6))
     assert max(probe_o.bytes) < min(probe_l.bytes)
 
 
@@ -109,12 +110,12 @@ def test_scores_file_is_reused_and_checked(tmp_path):
     path.write_text(json.dumps({"scores": [0.5, 1.0, 2.0, 0.5]}))
     owlore = OwLore(n_layers=2, interval=5, scores_file=str(path), galore=False)
     owlore._calibrate = lambda *a: pytest.fail("calibration must not run when the cache exists")
-    trainer([owlore], 1, tmp_path).fit(TinyLM(), token_loader(batches=1))
+    trainer([owlore], 1, tmp_path / "cached").fit(TinyModule(), tiny_loader(batches=1))
     assert owlore.scores == [0.5, 1.0, 2.0, 0.5]
     path.write_text(json.dumps({"scores": [1.0, 2.0]}))
     with pytest.raises(ValueError, match="2 scores but the model has 4 blocks"):
-        trainer([OwLore(n_layers=2, scores_file=str(path), galore=False)], 1, tmp_path).fit(
-            TinyLM(), token_loader(batches=1))
+        trainer([OwLore(n_layers=2, scores_file=str(path), galore=False)], 1, tmp_path / "checked").fit(
+            TinyModule(), tiny_loader(batches=1))
 
 
 def test_scores_survive_the_checkpoint():
@@ -128,4 +129,4 @@ def test_scores_survive_the_checkpoint():
 
 def test_needs_galore_optimizer(tmp_path):
     with pytest.raises(TypeError, match="callbacks.core.galore.GaLoreAdamW"):
-        trainer([OwLore(n_layers=2, scores=[1, 1, 1, 1])], 1, tmp_path).fit(TinyLM(), token_loader(batches=1))
+        trainer([OwLore(n_layers=2, scores=[1, 1, 1, 1])], 1, tmp_path).fit(TinyModule(), tiny_loader(batches=1))

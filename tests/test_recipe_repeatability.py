@@ -7,7 +7,7 @@ import json
 import pytest
 
 from recipes.cli import main
-from tests.test_configs import CONFIGS, EXTRA_SMOKE_ARGS
+from tests.test_configs import CONFIGS, EXTRA_SMOKE_ARGS, TINY_VAL_AUROC
 
 STEPS, CRASH = 6, 3
 # Recipe-specific settings: small batches, and the crash falling mid-interval / mid-schedule of the callbacks
@@ -48,8 +48,9 @@ def _run(path, root, crash: bool = False, ckpt: str | None = None) -> dict:
 
 
 @pytest.mark.slow
+@TINY_VAL_AUROC
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_same_seed_same_run_and_exact_resume(path, tmp_path, monkeypatch):
+def test_same_seed_same_run_and_exact_resume(path, tmp_path, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     first = _run(path, tmp_path / "first")
     second = _run(path, tmp_path / "second")

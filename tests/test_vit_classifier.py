@@ -9,8 +9,8 @@ from recipes.mae_pretrain import MAEPretrainModule
 from recipes.parts.auroc import MaskedMultilabelAUROC, write_auroc_table
 from recipes.parts.optim import layer_decay_groups
 from recipes.vit_classifier import ViTClassifierModule
+from tests.conftest import TINY_VIT_KWARGS as TINY
 
-TINY = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 LABELS = ["a", "b", "c"]
 
 

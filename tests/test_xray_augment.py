@@ -14,10 +14,11 @@ from datamodules.chestxray14 import ChestXray14DataModule
 from datamodules.resumable_sampler import apply_seeded, seeded_rng
 from datamodules.xray_transforms import build_xray_transform
 from recipes.vit_classifier import ViTClassifierModule
+from tests.conftest import TINY_VIT_KWARGS
 from tests.probe_callbacks import CrashAtStep
 from tests.test_xray_data import write_nih
 
-TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+TINY = {**TINY_VIT_KWARGS, "depth": 2}
 
 
 def _gradient_image(seed: int = 0):

@@ -20,20 +20,41 @@ METRICS = ("block_influence", "contribution")
 
 
 def forward_batch(module: nn.Module, batch) -> object:
-    """Run ``module`` on one training batch: a dict of token tensors, an ``(inputs, ...)`` tuple, or a tensor."""
+    """Run ``module`` on one training batch: a dict of token tensors (``input_ids``, or GRPO's ``prompt_input_ids``)
+    or images (``image``), an ``(inputs, ...)`` tuple, or a tensor.
+
+    A module without its own ``forward`` (e.g. a LightningModule that only calls ``self.model``) runs its
+    ``model`` attribute.
+    """
+    if not _has_forward(module) and isinstance(getattr(module, "model", None), nn.Module):
+        module = module.model
     if isinstance(batch, dict):
-        if "input_ids" in batch:
-            return module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        for prefix in ("", "prompt_"):
+            if f"{prefix}input_ids" in batch:
+                mask = batch.get(f"{prefix}attention_mask")
+                return module(input_ids=batch[f"{prefix}input_ids"], attention_mask=mask)
         if "image" in batch:
             return module(batch["image"])
-        raise ValueError(f"Cannot run a probe forward on a batch with keys {sorted(batch)}: expected 'input_ids' "
-                         "or 'image'")
+        raise ValueError(f"Cannot run a probe forward on a batch with keys {sorted(batch)}: expected 'input_ids', "
+                         "'prompt_input_ids' or 'image'")
     return module(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
 
+def _has_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class (or a parent below the framework base classes) defines ``forward``."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(("torch.", "lightning.", "pytorch_lightning.")):
+            return False
+        if "forward" in vars(cls):
+            return True
+    return False
+
+
 def token_mask(batch) -> torch.Tensor | None:
-    """The batch's ``attention_mask`` (1 = real token), or ``None``."""
-    return batch.get("attention_mask") if isinstance(batch, dict) else None
+    """The batch's ``attention_mask`` (or ``prompt_attention_mask``; 1 = real token), or ``None``."""
+    if not isinstance(batch, dict):
+        return None
+    return batch["attention_mask"] if "attention_mask" in batch else batch.get("prompt_attention_mask")
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 # A small Llama that trains on the synthetic tasks on a laptop CPU in minutes.
@@ -25,23 +26,28 @@ def module_tokenizer(module: L.LightningModule) -> PreTrainedTokenizerBase:
     return module.tokenizer
 
 
-def build_causal_lm(model_path: str | None, model_config: dict | None,
-                    tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def build_causal_lm(model_path: str | None, model_config: dict | None, tokenizer: PreTrainedTokenizerBase,
+                    dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A local ``from_pretrained`` directory, or a random-init model from ``AutoConfig.for_model`` arguments
-    (``model_type`` plus fields; ``vocab_size`` from the tokenizer). Never touches the network."""
+    (``model_type`` plus fields; ``vocab_size`` from the tokenizer). Never touches the network.
+
+    The weights are created directly in ``dtype``, by default torch's default dtype: inside Lightning's
+    ``configure_model`` that is the training precision's (bf16 under ``bf16-true``, fp32 under ``bf16-mixed``,
+    whose master weights are fp32), so a bf16 checkpoint trained in ``bf16-true`` is never held in fp32.
+    """
+    dtype = dtype or torch.get_default_dtype()
     if model_path is not None:
-        if not Path(model_path).exists():
-            try:  # a model id already in the local Hugging Face cache still loads
-                model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
-            except (OSError, ValueError) as err:
-                raise FileNotFoundError(f"model_path {model_path!r} does not exist: pass a local directory saved with "
-                                        "save_pretrained() (nothing is downloaded)") from err
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError) as err:
+            if Path(model_path).exists():
+                raise
+            raise FileNotFoundError(f"model_path {model_path!r} does not exist: pass a local directory saved with "
+                                    "save_pretrained() (nothing is downloaded)") from err
     else:
         cfg = dict(model_config or DEFAULT_MODEL_CONFIG)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,
-                                                                      vocab_size=len(tokenizer)))
+                                                                      vocab_size=len(tokenizer)), dtype=dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"The model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
                          f"than the tokenizer's ({len(tokenizer)}); use the model's own tokenizer")
@@ -57,3 +63,22 @@ def enable_activation_checkpointing(model: PreTrainedModel, use_reentrant: bool 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_sequence_lengths(model: PreTrainedModel, lengths: dict[str, int]) -> None:
+    """``ValueError`` naming each ``argument: length`` longer than the model's positions (its config's
+    ``max_position_embeddings`` / ``n_positions``), before a library fails on a position it has no embedding for."""
+    config = model.config
+    limit = next(((key, getattr(config, key)) for key in POSITION_KEYS
+                  if isinstance(getattr(config, key, None), int) and getattr(config, key) > 0), None)
+    if limit is None:
+        return
+    key, positions = limit
+    too_long = {name: n for name, n in lengths.items() if n > positions}
+    if too_long:
+        listed = "; ".join(f"{name} = {n}" for name, n in too_long.items())
+        raise ValueError(f"{listed}: longer than the model's {key}={positions} token positions; expected at most "
+                         f"{positions}. Lower it, or use a model (model_config) with more positions")

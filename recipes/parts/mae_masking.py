@@ -37,6 +37,15 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
     return max(1, int(num_patches * (1 - mask_ratio)))
 
 
+def check_mask_ratio(mask_ratio: float, num_patches: int) -> None:
+    """``ValueError`` unless ``mask_ratio`` removes at least one of ``num_patches`` patches and keeps at least one
+    (the loss is a mean over the removed patches: with none removed it is 0 / 0)."""
+    keep = num_kept(num_patches, mask_ratio) if 0 <= mask_ratio < 1 else 0
+    if not 0 < keep < num_patches:
+        raise ValueError(f"mask_ratio={mask_ratio} removes {num_patches - keep} of the {num_patches} patches per "
+                         "image; expected a ratio that removes at least one patch and keeps at least one (paper 0.9)")
+
+
 def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,
                    noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random masking by argsort of uniform noise.

@@ -1,0 +1,321 @@
+"""The real-scale check for one call on a GPU machine: memory and speed at real model shapes, random init, bf16.
+
+    python benchmarks/gpu_check.py [--out results.jsonl]     # one H100/H200, about 7 minutes
+    python benchmarks/gpu_check.py --cpu-smoke               # every measurement at toy shapes on the CPU
+
+Each measurement runs in its own subprocess with a time budget and prints one JSON line (``"check"`` names it;
+a failed or timed-out one prints its error instead), then a markdown table of the goals follows. Needs only torch,
+lightning, transformers, timm and peft (no jsonargparse, wandb or network): the recipes' modules and callbacks are
+used directly with a plain ``lightning.Trainer`` or plain loops, never through ``recipes.cli``.
+
+Measurements: layer sampling at the Llama-3.2-1B and -3B shapes (``layer_sampling_memory.py``: full AdamW, LoRA r16
+on all linear layers, LISA gamma=2 with and without the embedding, OwLore; sequence 1024, bf16-true); progressive
+layer drop on a 24-block GPT-2-medium-sized Llama (``layer_drop_speed.py``, theta 0.5, bf16); MAE ViT-B/16 at
+224 px (``mae_speed.py``, bf16: the MAE step and a full-token encoder step, i.e. fine-tuning's forward and
+backward); GRPO at the Qwen2.5-0.5B shape (8 prompts x 8 completions x 256 new tokens: generation, log-prob passes,
+update, peak memory); LISA under Lightning's FSDP strategy (``use_orig_params=True``) on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FORBIDDEN = ("jsonargparse", "wandb", "trl")
+SMOKE_BUDGET = 300  # seconds per smoke check: only a guard (a process start alone can take 20 s on a busy CPU)
+
+# Llama-3.2 shapes (tied embedding, grouped-query attention) and the toy shapes of --cpu-smoke.
+LLAMA = {
+    "1b": ["--layers", "16", "--hidden", "2048", "--mlp", "8192", "--vocab", "128256", "--heads", "32",
+           "--kv-heads", "8", "--tie"],
+    "3b": ["--layers", "28", "--hidden", "3072", "--mlp", "8192", "--vocab", "128256", "--heads", "24",
+           "--kv-heads", "8", "--tie"],
+    "smoke": ["--layers", "4", "--hidden", "64", "--mlp", "128", "--vocab", "256", "--heads", "2", "--kv-heads", "1",
+              "--tie"],
+}
+QWEN_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+            "num_key_value_heads": 2, "vocab_size": 151_936}
+QWEN_SMOKE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "vocab_size": 1000}
+
+
+def script_checks(smoke: bool) -> list[tuple[str, list[str], float]]:
+    """(name, command, budget in seconds) of the checks that run an existing benchmark script."""
+    py = sys.executable
+    device = ["--device", "cpu", "--precision", "bf16-true"] if smoke else ["--device", "cuda", "--precision",
+                                                                            "bf16-true"]
+    sampling = ["--seq", "32" if smoke else "1024", "--batch", "1", "--steps", "4" if smoke else "8", "--interval",
+                "1", "--warmup", "1" if smoke else "3", "--lora-rank", "16"]
+    checks = []
+    for size in (("smoke",) if smoke else ("1b", "3b")):
+        checks.append((f"layer_sampling_{size}", [py, str(HERE / "layer_sampling_memory.py"), *LLAMA[size], *sampling,
+                                                  *device], SMOKE_BUDGET if smoke else 130))
+    pld = (["--layers", "4", "--hidden", "64", "--vocab", "128", "--seq-len", "16", "--batch-size", "2", "--rounds",
+            "1", "--steps", "2", "--threads", "1"] if smoke else
+           ["--layers", "24", "--hidden", "1024", "--vocab", "50257", "--seq-len", "1024", "--batch-size", "8",
+            "--rounds", "3", "--steps", "6", "--device", "cuda"])
+    checks.append(("layer_drop_speed", [py, str(HERE / "layer_drop_speed.py"), *pld, "--dtype", "bfloat16"],
+                   SMOKE_BUDGET if smoke else 80))
+    mae = (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "2", "--steps", "1"] if smoke else
+           ["--model", "vit_base_patch16_224", "--img-size", "224", "--batch", "64", "--steps", "10"])
+    checks.append(("mae_speed", [py, str(HERE / "mae_speed.py"), *mae, "--dtype", "bfloat16",
+                                 "--decoder-dim", "512", "--decoder-depth", "8" if not smoke else "1"],
+                   SMOKE_BUDGET if smoke else 60))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------ own checks
+def _sync(cuda: bool) -> None:
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def grpo_check(smoke: bool) -> dict:
+    """Seconds per rollout batch split into generation, log-prob passes (old + reference) and update; peak memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from datamodules.tokenizer import build_char_tokenizer
+    from recipes.grpo import GRPOModule
+    from recipes.parts.rollout import Rollout
+
+    cuda = not smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    prompts, g, new_tokens = (2, 2, 4) if smoke else (8, 8, 256)
+    shape = QWEN_SMOKE if smoke else QWEN_05B
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen2", **shape, tie_word_embeddings=True, max_position_embeddings=4096)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    module = GRPOModule(model_config={"model_type": "qwen2"}, num_generations=g, max_new_tokens=new_tokens, mu=2,
+                        kl_coef=0.04)
+    module.tokenizer = build_char_tokenizer()
+    module.model = model.train()
+    module._reference.append(AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(device).eval()
+                             .requires_grad_(False))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    prompt_ids = torch.randint(10, len(module.tokenizer), (prompts, 64), device=device)
+    prompt_mask = torch.ones_like(prompt_ids)
+    rows = []
+    for _ in range(2):  # the first is a warm-up
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        completion, cmask = module.generate(prompt_ids, prompt_mask, g)
+        _sync(cuda)
+        t1 = time.perf_counter()
+        n = completion.shape[0]
+        valid = torch.ones(n, dtype=torch.bool, device=device)
+        rollout = Rollout(prompt_ids=prompt_ids.repeat_interleave(g, 0),
+                          prompt_mask=prompt_mask.repeat_interleave(g, 0), completion=completion, cmask=cmask,
+                          rewards=torch.zeros(n, device=device), correct=valid, valid=valid,
+                          advantages=torch.randn(n, device=device), loss_mask=cmask)
+        module.rollout_logprobs(rollout)
+        _sync(cuda)
+        t2 = time.perf_counter()
+        stats: dict = {}
+        for idx in module.mini_batches(n):
+            optimizer.zero_grad(set_to_none=True)
+            module.mini_batch_loss(rollout, idx.to(device), stats).backward()
+            optimizer.step()
+        _sync(cuda)
+        t3 = time.perf_counter()
+        rows.append({"generation_s": t1 - t0, "logprob_passes_s": t2 - t1, "update_s": t3 - t2,
+                     "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None})
+    last = rows[-1]
+    return {"check": "grpo", "shape": "qwen2.5-0.5b" if not smoke else "toy", "prompts": prompts, "G": g,
+            "new_tokens": new_tokens, "completion_tokens": int(cmask.sum()),
+            "logprob_chunk_size": module.hparams.logprob_chunk_size, "mini_batches": module.updates_per_rollout,
+            **{k: (round(v, 3) if v is not None else None) for k, v in last.items()},
+            "rollout_s": round(last["generation_s"] + last["logprob_passes_s"] + last["update_s"], 3)}
+
+
+def fsdp_lisa_check(smoke: bool) -> dict:
+    """LISA under Lightning's FSDP (use_orig_params=True): sampled blocks move, others do not, state bounded."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from callbacks.core.blocks import block_parameter_names, find_blocks
+    from callbacks.lisa import LISA, optimizer_state_bytes
+
+    hidden, layers, vocab, seq = (32, 4, 128, 16) if smoke else (1024, 8, 32000, 512)
+    strategy = FSDPStrategy(use_orig_params=True, auto_wrap_policy={LlamaDecoderLayer}, sharding_strategy="FULL_SHARD")
+
+    class LM(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=layers, num_attention_heads=hidden // 16,
+                              num_key_value_heads=hidden // 16, tie_word_embeddings=False)
+            self.model = LlamaForCausalLM(cfg)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0], use_cache=False).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    class Probe(L.Callback):
+        def __init__(self, lisa: LISA) -> None:
+            self.lisa, self.rows = lisa, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            named = dict(pl_module.named_parameters())
+            parts = find_blocks(pl_module)
+            moved = {i for i in range(len(parts)) if any(not torch.equal(named[n], self.before[n])
+                                                         for n in block_parameter_names(pl_module, parts, i))}
+            trainable = self.lisa.trainable_parameters()
+            self.rows.append({"active": list(self.lisa.active), "moved": sorted(moved),
+                              "state_bytes": optimizer_state_bytes(trainer.optimizers[0]),
+                              "bound_bytes": sum(2 * p.numel() * p.element_size() + 4 for p in trainable)})
+
+    lisa = LISA(n_layers=2, interval=1, seed=0)
+    probe = Probe(lisa)
+    ids = torch.randint(0, vocab, (6, seq), generator=torch.Generator().manual_seed(0))
+    if smoke:  # FSDP needs a GPU process group here: check the strategy builds, run LISA on the plain strategy
+        used = "single-device (FSDPStrategy built, not run on CPU)"
+        trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, precision="bf16-true", callbacks=[lisa, probe],
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        assert strategy.kwargs.get("use_orig_params") is True
+    else:
+        used = "fsdp"
+        trainer = L.Trainer(max_steps=6, accelerator="cuda", devices=1, strategy=strategy, precision="bf16-true",
+                            callbacks=[lisa, probe], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(LM(), DataLoader(TensorDataset(ids), batch_size=1))
+    rows = probe.rows
+    ok_moved = all(r["moved"] == sorted(r["active"]) for r in rows)
+    ok_state = all(r["state_bytes"] <= r["bound_bytes"] for r in rows)
+    switches = sum(a["active"] != b["active"] for a, b in zip(rows, rows[1:], strict=False))
+    return {"check": "fsdp_lisa", "strategy": used, "steps": len(rows), "switches": switches,
+            "only_sampled_blocks_moved": ok_moved, "state_within_trainable_bound": ok_state,
+            "state_bytes_max": max(r["state_bytes"] for r in rows), "rows": rows}
+
+
+# name: (function, budget in seconds with --cpu-smoke, budget on the GPU)
+OWN_CHECKS = {"grpo": (grpo_check, SMOKE_BUDGET, 120), "fsdp_lisa": (fsdp_lisa_check, SMOKE_BUDGET, 90)}
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+def _last_json(text: str) -> dict | None:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+def run_check(name: str, command: list[str], budget: float, env: dict) -> dict:
+    """Run one measurement in a subprocess within ``budget`` seconds; its JSON line, named, or the error."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=budget, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"check": name, "error": f"timed out after {budget:.0f} s"}
+    result = _last_json(proc.stdout) if proc.returncode == 0 else None
+    if result is None:
+        return {"check": name, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
+    if "benchmark" in result:
+        result["script"] = result.pop("benchmark")
+    return {"check": name, **{k: v for k, v in result.items() if k != "check"},
+            "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def summary_table(results: dict[str, dict]) -> str:
+    """Markdown table of the headline figures and goals."""
+    rows = ["| check | figure | value | goal |", "|---|---|---|---|"]
+
+    def add(check, figure, value, goal=""):
+        rows.append(f"| {check} | {figure} | {_fmt(value)} | {goal} |")
+
+    for name, r in results.items():
+        if "error" in r:
+            add(name, "error", r["error"].splitlines()[-1][:100])
+            continue
+        if name.startswith("layer_sampling"):
+            for method, m in r["results"].items():
+                add(name, f"{method}: peak GB / step s",
+                    f"{m['peak_memory_bytes'] / 1e9:.2f} / {m['step_time_s']:.3f}")
+            lisa, lora = r["results"].get("lisa_frozen_embedding"), r["results"].get("lora")
+            if lisa and lora:
+                add(name, "LISA (embedding frozen) peak / LoRA peak",
+                    lisa["peak_memory_bytes"] / lora["peak_memory_bytes"], "<= 1.0 at 3B")
+            if "lisa" in r.get("ratios_to_full", {}):
+                add(name, "LISA step time / full FT", r["ratios_to_full"]["lisa"]["step_time"], "<= 0.7")
+        elif name == "layer_drop_speed":
+            add(name, "step-time ratio at theta 0.5", r["ratio"], "<= 0.80")
+        elif name == "mae_speed":
+            add(name, "MAE images/s", r["batch"] / r["mae_step_s"])
+            add(name, "full-token (fine-tuning fwd+bwd) images/s", r["batch"] / r["full_step_s"])
+            add(name, "MAE step / full-token step", r["time_ratio"], "<= 0.35")
+        elif name == "grpo":
+            add(name, "generation / log-prob passes / update s",
+                f"{r['generation_s']} / {r['logprob_passes_s']} / {r['update_s']}")
+            add(name, "peak GB", r["peak_gb"])
+        elif name == "fsdp_lisa":
+            add(name, "only sampled blocks moved; state bounded",
+                f"{r['only_sampled_blocks_moved']}; {r['state_within_trainable_bound']}", "True; True")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="toy shapes on the CPU (a test runs this)")
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--only", default=None, help="comma-separated check names")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # run one own check in this process
+    args = parser.parse_args(argv)
+    if args.one:
+        result = OWN_CHECKS[args.one][0](args.cpu_smoke)
+        result["forbidden_modules_imported"] = [m for m in FORBIDDEN if m in sys.modules]
+        print(json.dumps(result), flush=True)
+        return {args.one: result}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
+               [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    if args.cpu_smoke:  # as on the GPU machine: jsonargparse, wandb and trl are not installed
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE / "gpu_env"), env["PYTHONPATH"]])
+        env["HIDE_PACKAGES"] = ",".join(FORBIDDEN)
+    checks = script_checks(args.cpu_smoke)
+    smoke_flag = ["--cpu-smoke"] if args.cpu_smoke else []
+    checks += [(name, [sys.executable, __file__, "--one", name, *smoke_flag], budgets[0 if args.cpu_smoke else 1])
+               for name, (_, *budgets) in OWN_CHECKS.items()]
+    wanted = set(args.only.split(",")) if args.only else None
+    results: dict[str, dict] = {}
+    for name, command, budget in checks:
+        if wanted is not None and name not in wanted:
+            continue
+        result = run_check(name, command, budget, env)
+        result.setdefault("device", "cpu" if args.cpu_smoke else "cuda")
+        results[name] = result
+        line = json.dumps({**result, "benchmark": "gpu_check"})
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+    print("\n" + summary_table(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
