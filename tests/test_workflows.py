@@ -188,12 +188,13 @@ class TrainableAtFitStart(L.Callback):
 
 
 def test_model_summary_under_lisa_counts_the_parameters_trainable_at_a_time(tmp_path):
-    from tests.sampling_helpers import TinyLM, token_loader, trainer
+    from tests.conftest import TinyModule, tiny_loader
+    from tests.sampling_helpers import trainer
 
-    lm = TinyLM(layers=4)
+    lm = TinyModule(layers=4)
     probe = TrainableAtFitStart()
     lisa = LISA(n_layers=1, interval=1)
-    trainer([lisa, probe], 1, tmp_path).fit(lm, token_loader(batches=2))
+    trainer([lisa, probe], 1, tmp_path).fit(lm, tiny_loader(batches=2))
     block = sum(p.numel() for p in lisa._block_params[0])
     assert probe.trainable == sum(p.numel() for p in lisa._always_on) + block < sum(p.numel() for p in lm.parameters())
 
