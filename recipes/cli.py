@@ -27,7 +27,6 @@ from callbacks.resume_settings import OptimizerSettingsOnResume
 from callbacks.run_info import RunInfoLogger
 from recipes import resume
 from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
-from recipes.parts.progress import RecipesProgressBar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -64,7 +63,7 @@ class RecipesCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"allow_abbrev": False})  # subcommand parsers inherit it
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
                                                              LearningRateMonitor(logging_interval="step"),
-                                                             RecipesProgressBar(), EmptyFitGuard(),
+                                                             StepProgressBar(), EmptyFitGuard(),
                                                              PreemptionCheckpoint(), OptimizerSettingsOnResume()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)

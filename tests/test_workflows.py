@@ -18,13 +18,13 @@ from peft import PeftModel
 
 from callbacks.lisa import LISA
 from callbacks.mae_reconstruction import MAEReconstructionLogger, to_uint8_hwc
+from callbacks.progress import StepProgressBar
 from datamodules.tokenizer import load_tokenizer
 from recipes.cli import CONFIG_DIR, RecipesCLI, main
 from recipes.parts.auroc import log_auroc_table, write_auroc_table
 from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier
 from recipes.parts.hf_model import build_causal_lm
 from recipes.parts.loggers import default_loggers, eval_loggers
-from recipes.parts.progress import RecipesProgressBar
 from tests.test_grpo_module import TINY, data, fit, module
 
 SFT = str(CONFIG_DIR / "sft.yaml")
@@ -212,14 +212,14 @@ def test_grpo_progress_bar_total_counts_rollout_batches(tmp_path):
     m = module(mu=2, num_mini_batches=2)
     totals = BarTotals()
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[RecipesProgressBar(), totals],
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[StepProgressBar(), totals],
                         default_root_dir=tmp_path)
     trainer.fit(m, datamodule=data(tmp_path))
     assert totals.totals == [2] and trainer.fit_loop.epoch_loop.batch_progress.current.completed == 2
 
 
 def test_resumed_bar_counts_from_the_epoch_start():
-    bar = RecipesProgressBar()
+    bar = StepProgressBar()
     progress = SimpleNamespace(current=SimpleNamespace(completed=20))
     bar._trainer = SimpleNamespace(num_training_batches=188, max_steps=2000, global_step=1900,
                                    accumulate_grad_batches=1, lightning_module=object(),
@@ -232,7 +232,7 @@ def test_v_num_is_the_run_version(tmp_path, monkeypatch):
     for version in ("0", "1"):
         c = cli(tmp_path)
         bar = c.trainer.progress_bar_callback
-        assert isinstance(bar, RecipesProgressBar)
+        assert isinstance(bar, StepProgressBar)
         assert bar.get_metrics(c.trainer, c.model)["v_num"] == version
 
 
