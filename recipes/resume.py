@@ -173,7 +173,11 @@ def plan(config: Any, subcommand: str, run_name: str) -> ResumePlan:
     result, ckpt = resolve(config.get("ckpt_path"), root, run_name)
     if ckpt is not None:
         data = _plain(config["data"]) if config.get("data") else None
-        result.notes += check_resume(ckpt, result.path, _plain(config["model"]), data)
+        model = _plain(config["model"])
+        if subcommand != "fit":  # evaluation restores the weights: where training started from does not matter
+            model["init_args"] = {k: v for k, v in (model.get("init_args") or {}).items()
+                                  if k not in ("init_from", "sft_checkpoint")}
+        result.notes += check_resume(ckpt, result.path, model, data)
     if subcommand != "fit":
         result.version = None
     return result
