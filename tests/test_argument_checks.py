@@ -128,7 +128,7 @@ def test_data_module_sizes_are_checked():
         VerifiableQADataModule(sft_batch_size=0)
 
 
-def test_cli_shows_the_callbacks_own_error_first(tmp_path, capsys, monkeypatch):
+def test_cli_shows_the_callbacks_own_error_first(tmp_path, capsys, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"weights has 1 positive entries") as info:
         main(["fit", "--config", str(CONFIG_DIR / "lisa_sft.yaml"), "--wandb=disabled",

@@ -254,7 +254,7 @@ CLI_ARGUMENT_CASES = {  # a class's own __init__ error reaches the user first, n
 
 
 @pytest.mark.parametrize("case", sorted(CLI_ARGUMENT_CASES))
-def test_class_errors_in_the_cli(case, tmp_path, capsys, monkeypatch):
+def test_class_errors_in_the_cli(case, tmp_path, capsys, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     config, args, pattern = CLI_ARGUMENT_CASES[case]
     with pytest.raises(ValueError, match=pattern):
