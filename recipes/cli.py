@@ -136,7 +136,7 @@ class RecipesCLI(LightningCLI):
         plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        if self.subcommand == "fit":
+        if self.subcommand in ("fit", None):  # None: run=False, as the demo fits
             periodic = PeriodicLastCheckpoint(config["last_ckpt_every_minutes"], config["last_ckpt_every_steps"])
             self.trainer_defaults = {**self.trainer_defaults,
                                      "callbacks": [*self.trainer_defaults.get("callbacks", []), periodic]}

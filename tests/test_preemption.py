@@ -54,8 +54,13 @@ def test_signal_saves_step_reached_and_exits_with_128_plus_signal(tmp_path, name
 
 def test_periodic_last_checkpoint_by_steps_and_by_time(tmp_path, monkeypatch):
     by_steps = PeriodicLastCheckpoint(every_n_minutes=None, every_n_steps=3)
+    step_saves = []
+    save_by_steps = by_steps.save
+    monkeypatch.setattr(by_steps, "save",
+                        lambda trainer: step_saves.append(trainer.global_step) or save_by_steps(trainer))
     _trainer(tmp_path / "a", by_steps, max_steps=7).fit(BoringModel())
-    assert torch.load(by_steps.last_path, weights_only=True)["global_step"] == 6
+    assert step_saves == [3, 6, 7]  # every 3 steps, and once more when the fit ends
+    assert torch.load(by_steps.last_path, weights_only=True)["global_step"] == 7
 
     clock = iter(range(0, 10_000, 50))  # 50 s per call of time.monotonic
     monkeypatch.setattr("callbacks.periodic_checkpoint.monotonic", lambda: float(next(clock)))
@@ -64,7 +69,7 @@ def test_periodic_last_checkpoint_by_steps_and_by_time(tmp_path, monkeypatch):
     save = by_time.save
     monkeypatch.setattr(by_time, "save", lambda trainer: saves.append(trainer.global_step) or save(trainer))
     _trainer(tmp_path / "b", by_time, max_steps=6).fit(BoringModel())
-    assert saves == [2, 4, 6]  # 50 s between checks: the 90 s interval is passed every second step
+    assert saves == [2, 4, 6]  # 50 s between checks: the 90 s interval is passed every second step; 6 is the end
     with pytest.raises(ValueError, match="every_n_steps must be >= 0"):
         PeriodicLastCheckpoint(every_n_steps=-1)
 
