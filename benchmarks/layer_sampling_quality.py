@@ -118,8 +118,8 @@ def finetune(method: str, base: Path, work: Path, steps: int, seed: int, lr: flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short budgets (a few minutes on 2 CPU cores)")
-    parser.add_argument("--pretrain_steps", type=int, default=800)
-    parser.add_argument("--steps", type=int, default=400, help="fine-tuning optimizer steps per method and seed")
+    parser.add_argument("--pretrain_steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=160, help="fine-tuning optimizer steps per method and seed")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora_lr", type=float, default=3e-3)

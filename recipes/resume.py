@@ -82,6 +82,8 @@ def resolve(ckpt_path: str | None, root: str | Path, name: str) -> tuple[ResumeP
     checkpoint. ``last`` needs a checkpoint; ``auto`` starts fresh when the run has none."""
     if ckpt_path is None:
         return ResumePlan(None), None
+    if ckpt_path == "hpc" or str(ckpt_path).startswith("registry") or "://" in str(ckpt_path):
+        return ResumePlan(str(ckpt_path)), None  # Lightning's own lookups and remote files: passed through as is
     if ckpt_path not in ("last", "auto"):
         ckpt = load_checkpoint(ckpt_path)
         return ResumePlan(str(ckpt_path), version_of(ckpt_path, root, name)), ckpt

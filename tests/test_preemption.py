@@ -128,3 +128,22 @@ def test_under_slurm_rank_zero_requeues_the_job_after_saving(tmp_path, monkeypat
     assert info.value.requeued and "the SLURM job was requeued" in str(info.value)
     assert (tmp_path / "called").read_text().split() == ["requeue", "4242"]
     assert torch.load(info.value.path, weights_only=True)["global_step"] == 3
+
+
+class SigtermDuringValidation(L.Callback):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        signal.raise_signal(signal.SIGTERM)
+
+
+def test_sigterm_during_validate_exits_143_not_0(tmp_path, monkeypatch):
+    from recipes.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info, pytest.warns(UserWarning, match="UNTRAINED MODEL"):
+        main(["validate", "--config", str(CONFIG_DIR / "sft.yaml"), "--trainer.default_root_dir=runs",
+              "--wandb=disabled", "--trainer.accelerator=cpu", "--trainer.limit_val_batches=3",
+              "--trainer.enable_progress_bar=false", "--data.init_args.synthetic_train_size=40",
+              "--data.init_args.synthetic_dir=syn", "--model.init_args.model_config.hidden_size=16",
+              "--model.init_args.model_config.intermediate_size=32", "--model.init_args.exact_match_batches=0",
+              "--trainer.callbacks+=tests.test_preemption.SigtermDuringValidation"])
+    assert info.value.code == 143  # Lightning alone stops a SIGTERM-ed evaluation with status 0
