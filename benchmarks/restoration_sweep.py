@@ -47,7 +47,7 @@ METRICS = ("crc/validity", "crc/entropy", "crc/distinct", "crc/valid_distinct", 
 def settings(quick: bool) -> dict:
     if quick:
         return {"layers": 2, "hidden": 32, "sft_steps": 4, "grpo_steps": 2, "n_sft": 64, "n_train": 32, "n_val": 8,
-                "crc_prompts": 4, "task_prompts": 4, "samples": 4}
+                "crc_prompts": 4, "task_prompts": 4, "samples": 4, "log_every": 1}
     return {"layers": 4, "hidden": 64, "sft_steps": 600, "grpo_steps": 60, "n_sft": 4000, "n_train": 1000,
             "n_val": 64, "crc_prompts": 24, "task_prompts": 32, "samples": 12}
 
@@ -60,8 +60,10 @@ def model_args(cfg: dict) -> list[str]:
     return [f"--model.init_args.model_config={json.dumps(config)}"]
 
 
-def fit(config: str, args: list[str], root: Path, name: str, seed: int) -> str:
+def fit(config: str, args: list[str], root: Path, name: str, seed: int, log_every: int | None) -> str:
     """Run ``python -m recipes fit --config <config> <args>`` in process; returns the last checkpoint's path."""
+    if log_every is not None:  # the quick run's epochs are shorter than the recipes' logging interval
+        args = [*args, f"--trainer.log_every_n_steps={log_every}"]
     argv, sys.argv = sys.argv, sys.argv[:1]  # the recipe's arguments are all in args
     try:
         cli = RecipesCLI(args=["fit", "--config", str(CONFIG_DIR / config), f"--seed_everything={seed}",
@@ -94,13 +96,13 @@ def run_seed(seed: int, cfg: dict, work: Path) -> list[dict]:
                                 f"--trainer.max_steps={cfg['sft_steps']}",
                                 f"--trainer.val_check_interval={cfg['sft_steps']}",
                                 "--model.init_args.exact_match_batches=1", "--model.init_args.max_new_tokens=12",
-                                *model_args(cfg)], work, f"sft{seed}", seed)
+                                *model_args(cfg)], work, f"sft{seed}", seed, cfg.get("log_every"))
     sft_seconds = time.perf_counter() - start
     grpo_args = [f"--data.init_args.train_file={data['train']}", f"--data.init_args.val_file={data['val']}",
                  f"--model.init_args.sft_checkpoint={sft_ckpt}", "--model.init_args.model_config=null",
                  "--model.init_args.sft_steps=0", f"--trainer.max_steps={cfg['grpo_steps']}",
                  f"--trainer.val_check_interval={cfg['grpo_steps']}"]
-    grpo_ckpt = fit("grpo_crc.yaml", grpo_args, work, f"grpo{seed}", seed)
+    grpo_ckpt = fit("grpo_crc.yaml", grpo_args, work, f"grpo{seed}", seed, cfg.get("log_every"))
     grpo_seconds = time.perf_counter() - start - sft_seconds
     base, tokenizer = load_causal_lm(sft_ckpt, what="sft checkpoint")
     post, _ = load_causal_lm(grpo_ckpt, what="grpo checkpoint")

@@ -145,6 +145,21 @@ class LISA(Callback):
         self.parts = parts
         if not self.train_embedding:
             _enable_input_require_grads(pl_module)
+        self._freeze_for_summary(pl_module)
+
+    def _freeze_for_summary(self, pl_module: L.LightningModule) -> None:
+        """Until training starts, leave as many blocks trainable as train at a time (the restored active set, or
+        the largest ``n_layers``), so the model summary printed at fit start counts the trainable-at-a-time
+        parameters. The optimizer already holds every parameter; ``on_train_start`` sets the real active set."""
+        sizes = [sum(p.numel() for p in params) for params in self._block_params]
+        shown = self.active or sorted(range(len(sizes)), key=lambda i: -sizes[i])[: self.n_layers]
+        for index, params in enumerate(self._block_params):
+            for param in params:
+                param.requires_grad_(index in shown)
+        at_a_time = sum(p.numel() for p in self._always_on) + sum(sizes[i] for i in shown)
+        total = sum(p.numel() for p in pl_module.parameters())
+        rank_zero_info(f"{type(self).__name__}: {at_a_time:,} of {total:,} parameters train at a time "
+                       f"({self.n_layers} of {len(sizes)} blocks plus the always-on parts)")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -14,14 +15,17 @@ from typing_extensions import override
 
 
 class MAEReconstructionLogger(Callback):
-    """After validation every ``every_n_epochs``, reconstruct the first validation images and save a grid.
+    """After a validation run, at most once every ``every_n_epochs``, reconstruct the first validation images and
+    save a grid.
 
     The mask is drawn from a fixed seed (inside ``torch.random.fork_rng``), so grids of different epochs show the
     same masked patches and the training RNG stream is untouched. Works with any module that has
     ``reconstruct(images) -> (mask, reconstruction)`` (``MAEPretrainModule``).
 
     Args:
-        every_n_epochs: how often (in epochs with a validation run).
+        every_n_epochs: the least number of epochs between two grids. The first validation run logs one, then the
+            first validation run at least ``every_n_epochs`` after the last grid (so it works with any
+            ``check_val_every_n_epoch`` or ``val_check_interval``).
         num_images: images per grid (columns).
         dirpath: PNG folder; default ``<run dir>/mae_reconstructions``.
         seed: seed of the displayed masks.
@@ -38,6 +42,19 @@ class MAEReconstructionLogger(Callback):
         self.seed = seed
         self._images: torch.Tensor | None = None
         self.saved: list[Path] = []
+        self._last_epoch: int | None = None
+
+    def due(self, epoch: int) -> bool:
+        """Whether a validation run in ``epoch`` logs a grid."""
+        return self._last_epoch is None or epoch - self._last_epoch >= self.every_n_epochs
+
+    @override
+    def state_dict(self) -> dict:
+        return {"last_epoch": self._last_epoch}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._last_epoch = state_dict.get("last_epoch")
 
     @override
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
@@ -48,8 +65,9 @@ class MAEReconstructionLogger(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self._images is None or trainer.current_epoch % self.every_n_epochs:
+        if trainer.sanity_checking or self._images is None or not self.due(trainer.current_epoch):
             return
+        self._last_epoch = trainer.current_epoch
         if not hasattr(pl_module, "reconstruct"):
             raise TypeError(f"MAEReconstructionLogger needs a module with reconstruct(images); got "
                             f"{type(pl_module).__name__}")
@@ -82,7 +100,13 @@ class MAEReconstructionLogger(Callback):
         self.saved.append(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="mae/reconstruction", images=[grid], step=trainer.global_step,
+                logger.log_image(key="mae/reconstruction", images=[to_uint8_hwc(grid)], step=trainer.global_step,
                                  caption=["rows: original / masked / reconstruction"])
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("mae/reconstruction", grid, global_step=trainer.global_step)
+
+
+def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """A ``[0, 1]`` float ``(C, H, W)`` image as ``uint8`` ``(H, W, C)``: W&B reads float arrays as 0-255 values
+    (a [0, 1] image arrives black), so the conversion is explicit."""
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -15,7 +15,7 @@ from callbacks.core.atomic_checkpoint import checkpoint_dir
 class PeriodicLastCheckpoint(Callback):
     """Bounds the work a kill can lose: ``last.ckpt`` in the run's checkpoint folder is rewritten (atomically, with
     :class:`~callbacks.core.atomic_checkpoint.AtomicCheckpointIO`) after a training step when ``every_n_minutes``
-    have passed or ``every_n_steps`` optimizer steps were taken since the last save.
+    have passed or ``every_n_steps`` optimizer steps were taken since the last save, and once more when the fit ends.
 
     The time decision is taken by rank 0 and agreed by all ranks (one boolean all-reduce per step under DDP), so
     every rank enters the checkpoint save together.
@@ -59,6 +59,12 @@ class PeriodicLastCheckpoint(Callback):
             late = trainer.is_global_zero and monotonic() - self._last_time >= self.every_n_seconds
             due = trainer.strategy.reduce_boolean_decision(late, all=False) if trainer.world_size > 1 else late
         if due:
+            self.save(trainer)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A finished fit also leaves ``last.ckpt``, so ``--ckpt_path last`` and ``export`` find its final weights."""
+        if self.enabled and trainer.global_step != self._last_step:
             self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> str:

@@ -115,7 +115,11 @@ class PreemptionCheckpoint(Callback):
         job = slurm_job_id()
         if not wanted or job is None or not trainer.is_global_zero:
             return bool(wanted and job)
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        except OSError as err:  # no scontrol on this node: the checkpoint is saved, the job is not requeued
+            print(f"scontrol requeue {job} could not run ({err}); resume with --ckpt_path auto", flush=True)
+            return False
         if result.returncode != 0:
             print(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}", flush=True)
         return result.returncode == 0

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,16 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
+def _remove_abandoned(target: Path, older_than_s: float = 3600.0) -> None:
+    """Staging folders of writers killed mid-generation (nothing this small takes an hour to write)."""
+    for staging in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if time.time() - staging.stat().st_mtime > older_than_s:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def generate_once(base: str | Path, kind: str, key: dict[str, Any], write: Callable[[Path], Any]) -> Path:
     """Return the keyed folder for ``(kind, key)``, writing it with ``write(folder)`` first when missing.
 
@@ -56,6 +67,7 @@ def generate_once(base: str | Path, kind: str, key: dict[str, Any], write: Calla
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as err:
         raise OSError(err.errno, f"Cannot write the generated {kind} data into {target.parent} "

@@ -44,7 +44,7 @@ class Problem:
             return {"messages": [{"role": "user", "content": self.question},
                                  {"role": "assistant", "content": self.answer}]}
         if fmt == "gsm8k":
-            return {"question": self.question, "answer": f"The answer is {self.answer}.\n#### {self.answer}"}
+            return {"question": self.question, "answer": f"#### {self.answer}"}  # the form GRPO's verifier reads
         raise ValueError(f"Unknown format {fmt!r}; expected one of alpaca, chat, gsm8k")
 
 

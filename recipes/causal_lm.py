@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import lightning as L
@@ -30,6 +30,19 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+
+    @classmethod
+    def parse(cls, value: LoraSettings | dict | None) -> LoraSettings | None:
+        """``None``, a ``LoraSettings`` or its fields as a dict (the form YAML and the command line give)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"lora must be LoRA settings such as {{r: 8, alpha: 16}} or null, got {value!r}")
+        unknown = set(value) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown lora settings {sorted(unknown)}; expected some of "
+                             f"{[f.name for f in fields(cls)]}")
+        return cls(**value)
 
 
 @dataclass
@@ -78,7 +91,7 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
         lr_schedule: str = "cosine",
-        lora: LoraSettings | None = None,
+        lora: LoraSettings | dict | None = None,
         gradient_checkpointing: bool = False,
         exact_match_batches: int = 2,
         max_new_tokens: int = 16,
@@ -91,6 +104,8 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"loss_chunk_size must be a positive integer or None, got {loss_chunk_size}")
         if model_path is not None and model_config is not None:
             raise ValueError("Give either model_path (a from_pretrained directory) or model_config, not both")
+        self.lora = LoraSettings.parse(lora)
+        lora = None if self.lora is None else asdict(self.lora)  # checkpoints hold plain values
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model: torch.nn.Module | None = None
@@ -100,14 +115,14 @@ class CausalLMModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------- model
     def configure_model(self) -> None:
         """Build the model once the tokenizer is known (Lightning calls this before optimizers and restores)."""
-        if self.model is not None:
-            return
+        if self.model is not None or (self.tokenizer is None and self._trainer is None):
+            return  # without a tokenizer yet (load_from_checkpoint), on_load_checkpoint builds it
         hp = self.hparams
         model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        if hp.lora is not None:
-            model = _apply_lora(model, hp.lora)
+        if self.lora is not None:
+            model = _apply_lora(model, self.lora)
         self.model = model
 
     def on_fit_start(self) -> None:

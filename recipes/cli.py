@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -25,7 +26,7 @@ from callbacks.progress import StepProgressBar
 from callbacks.resume_settings import OptimizerSettingsOnResume
 from callbacks.run_info import RunInfoLogger
 from recipes import resume
-from recipes.parts.loggers import check_log_dir, default_loggers
+from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -36,8 +37,8 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update({"cli": self.parser.dump(self.config, skip_unset=False)},
-                                                allow_val_change=True)
+                nested = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))  # filterable keys
+                logger.experiment.config.update(nested, allow_val_change=True)
 
 
 class RecipesCLI(LightningCLI):
@@ -115,8 +116,16 @@ class RecipesCLI(LightningCLI):
             rank_zero_warn(self.untrained)
             name += "-untrained"
         if config["trainer"].get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(root, name, config["wandb"], config["wandb_project"],
-                                               version=self.resume_plan.version)
+            ckpt = config.get("ckpt_path")
+            if self.subcommand in ("validate", "test") and ckpt and Path(ckpt).is_file():  # beside the training run
+                kwargs["logger"] = eval_loggers(ckpt, self.subcommand, config["wandb"], config["wandb_project"])
+                # the restored ModelCheckpoint state names the training run's folder; evaluation saves nothing
+                warnings.filterwarnings("ignore", "The dirpath has changed from", UserWarning)
+            else:
+                kwargs["logger"] = default_loggers(root, name, config["wandb"], config["wandb_project"],
+                                                   version=self.resume_plan.version)
+            if self.resume_plan.version is None:
+                self.own_run_dir = kwargs["logger"][0].log_dir  # claimed for this run
         given = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
         unused = (LearningRateMonitor,) if config["trainer"].get("logger") is False else ()  # nothing to log to
@@ -127,11 +136,20 @@ class RecipesCLI(LightningCLI):
         plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        if self.subcommand == "fit":
+        if self.subcommand in ("fit", None):  # None: run=False, as the demo fits
             periodic = PeriodicLastCheckpoint(config["last_ckpt_every_minutes"], config["last_ckpt_every_steps"])
             self.trainer_defaults = {**self.trainer_defaults,
                                      "callbacks": [*self.trainer_defaults.get("callbacks", []), periodic]}
         return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            own = getattr(self, "own_run_dir", None)
+            if own and (self.trainer.global_step == 0 or subcommand != "fit"):  # a failed start leaves no folder
+                remove_unused_run_dir(own, self.trainer.loggers)
+            raise
 
     @staticmethod
     def _run_name(config) -> str:
@@ -161,6 +179,39 @@ def recipe_summaries() -> dict[str, str]:
     return out
 
 
+def resolve_config(value: str) -> str:
+    """A ``--config`` value: an existing file as given, else the packaged recipe of that name (``lisa_sft``)."""
+    if Path(value).exists() or value.lstrip().startswith("{"):
+        return value
+    packaged = CONFIG_DIR / Path(value).name
+    for candidate in (packaged, packaged.with_suffix(".yaml")):
+        if candidate.is_file():
+            return str(candidate)
+    return value
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config NAME`` / ``--config=NAME`` resolved by :func:`resolve_config`."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
+    return out
+
+
+def print_recipes() -> None:
+    """``list``: each recipe with its summary, and where the YAMLs are (to run by name or copy)."""
+    summaries = recipe_summaries()
+    width = max(map(len, summaries), default=0)
+    for name, line in summaries.items():
+        print(f"{name:<{width}}  {line}")
+    print(f"\nThe YAMLs are in {CONFIG_DIR}")
+    print("Run one by name or path: python -m recipes fit --config <name>  (or layerwise fit --config <name>);"
+          " copy one from there to change it.")
+
+
 def quiet_third_party_warnings() -> None:
     """Hide deprecation notices raised inside libraries we depend on, about calls we do not make ourselves."""
     # Lightning's own pytree helper builds torch's LeafSpec, which recent torch releases deprecate
@@ -172,23 +223,22 @@ def quiet_third_party_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; ``argv`` defaults to the command line."""
+    """Entry point (``python -m recipes`` and the ``layerwise`` command); ``argv`` defaults to the command line."""
     quiet_third_party_warnings()
-    args = argv
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:  # from the command line: resolved in place (LightningCLI then reads sys.argv, as DDP workers do)
+        sys.argv[1:] = argv = resolve_config_args(sys.argv[1:])
+        args = None
+    else:
+        argv = args = resolve_config_args(argv)
     if argv[:1] == ["list"]:
-        summaries = recipe_summaries()
-        width = max(map(len, summaries), default=0)
-        for name, line in summaries.items():
-            print(f"{name:<{width}}  {line}")
-        print("\nRun one with: python -m recipes fit --config recipes/configs/<name>.yaml")
+        print_recipes()
         return
     if argv[:1] == ["demo"]:
         from recipes.demo import run_demo
 
         run_demo(argv[1:])
         return
-    if argv[:1] in (["restore"], ["diversity"]):  # Selective Layer Restoration and its diversity evaluation
+    if argv[:1] in (["restore"], ["diversity"], ["export"]):  # layer restoration, diversity evaluation, export
         import importlib
         importlib.import_module(f"recipes.{argv[0]}").main(argv[1:])
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -23,6 +24,7 @@ from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
 from recipes.parts import answer_span
 from recipes.parts.chunked_head import chunked_token_logprobs, last_hidden_state, split_lm
+from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier, load_sft_state, read_sft_checkpoint
 from recipes.parts.grpo_loss import (
     AGGREGATIONS,
     SCALES,
@@ -74,6 +76,7 @@ class GRPOModule(L.LightningModule):
             backward; see ``recipes.parts.chunked_head``); ``None`` projects all positions of a pass at once.
         logprob_batch_size: completions per forward of the no-grad old-policy and reference log-prob passes;
             ``None`` uses the update mini-batch size (completions / ``num_mini_batches``).
+        zero_reward_patience: warn when every reward of this many consecutive rollout batches is 0.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class GRPOModule(L.LightningModule):
         val_max_new_tokens: int | None = None,
         logprob_chunk_size: int | None = 512,
         logprob_batch_size: int | None = None,
+        zero_reward_patience: int = 10,
     ) -> None:
         super().__init__()
         if num_generations < 2:
@@ -130,7 +134,10 @@ class GRPOModule(L.LightningModule):
         self._answer_mask_terms: set[str] = set()
         self._reference: list[torch.nn.Module] = []  # a list keeps the frozen copy out of state_dict and optimizer
         self._sft_done = False
+        self._sft_loaded = False
         self._verifier: RewardFn | None = None
+        self._sft_data_hparams: dict | None = None  # what the sft_checkpoint was trained on
+        self._zero_rewards = ZeroRewardStreak(zero_reward_patience)
 
     # --------------------------------------------------------------------------------------------- model
     @property
@@ -138,27 +145,25 @@ class GRPOModule(L.LightningModule):
         return self.hparams.mu * self.hparams.num_mini_batches
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        tokenizer = module_tokenizer(self)
+        """Build the policy. Under a trainer the ``sft_checkpoint`` weights are loaded at fit start (unless a GRPO
+        checkpoint is restored), so validating or resuming a GRPO checkpoint never needs the SFT file."""
+        if self.model is not None or (self.tokenizer is None and self._trainer is None):
+            return  # without a tokenizer yet (load_from_checkpoint), on_load_checkpoint builds it
         hp = self.hparams
-        state = None
-        config = hp.model_config
-        if hp.sft_checkpoint is not None:
-            ckpt = torch.load(hp.sft_checkpoint, map_location="cpu", weights_only=False)
-            state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-            sft_hp = ckpt.get("hyper_parameters", {})
-            if hp.model_path is None and config is None:
-                config = sft_hp.get("model_config")
-                if sft_hp.get("model_path"):
-                    hp.model_path = sft_hp["model_path"]
-        model = build_causal_lm(hp.model_path, config, tokenizer)
-        if state is not None:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{hp.sft_checkpoint} does not match the model (LoRA checkpoints must be merged "
-                                 f"first): missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self.model = model
+        if hp.sft_checkpoint is not None and hp.model_path is None and hp.model_config is None:
+            if not Path(hp.sft_checkpoint).is_file() and self._trainer is not None:
+                return  # built in on_load_checkpoint from the GRPO checkpoint's own hyper-parameters
+            sft_hp = read_sft_checkpoint(hp.sft_checkpoint)["hyper_parameters"]
+            hp.model_config = sft_hp.get("model_config")  # saved with this module's checkpoints
+            hp.model_path = sft_hp.get("model_path")
+        self.model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
+        if self._trainer is None:
+            self._load_sft_state()
+
+    def _load_sft_state(self) -> None:
+        if self.hparams.sft_checkpoint is not None and not self._sft_loaded:
+            self._sft_data_hparams = load_sft_state(self.model, self.hparams.sft_checkpoint)
+        self._sft_loaded = True
 
     def register_loss_term(self, name: str, fn: LossTerm, needs_answer_mask: bool = False) -> None:
         """Add ``fn(PolicyTokens) -> loss`` (or ``(loss, {metric: value})``) to every mini-batch's loss.
@@ -175,9 +180,17 @@ class GRPOModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._sft_done = checkpoint.get("grpo_sft_done", False)
+        self._sft_loaded = True  # the checkpoint holds the weights
+        if self.tokenizer is None and self._trainer is None:  # load_from_checkpoint
+            self.tokenizer = load_tokenizer(checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer", "char"))
+        if self.model is None:
+            saved = checkpoint.get("hyper_parameters", {})
+            self.hparams.model_config = self.hparams.model_config or saved.get("model_config")
+            self.hparams.model_path = self.hparams.model_path or saved.get("model_path")
         self.configure_model()
 
     def on_fit_start(self) -> None:
+        self._load_sft_state()
         self._check_sequence_lengths()
         if self.hparams.sft_steps > 0 and not self._sft_done:
             self._sft_warmup()
@@ -186,6 +199,8 @@ class GRPOModule(L.LightningModule):
             reference = copy.deepcopy(self.model).eval().requires_grad_(False)
             self._reference.append(reference)
         self._verifier = self.trainer.datamodule.reward_fn()
+        if self.hparams.sft_checkpoint and self.reward_funcs is None:
+            check_sft_fits_verifier(self._sft_data_hparams, self._verifier, self.hparams.sft_checkpoint)
 
     def _check_sequence_lengths(self) -> None:
         """The longest prompt plus the completion budget, and the warm-up examples, must fit the model's positions."""
@@ -410,6 +425,7 @@ class GRPOModule(L.LightningModule):
         rewards, correct, ok, n = rollout.rewards, rollout.correct, rollout.valid, rollout.n
         cmf = rollout.cmask.float()
         seq_logp = (rollout.old_logp * cmf).sum(1) / cmf.sum(1).clamp(min=1)
+        self._zero_rewards.update(bool((rewards[ok] == 0).all()))
         metrics = {
             "grpo/reward_mean": rewards[ok].mean() if ok.any() else torch.zeros(()),
             "grpo/reward_std": rewards[ok].std() if ok.sum() > 1 else torch.zeros(()),

@@ -82,6 +82,8 @@ def resolve(ckpt_path: str | None, root: str | Path, name: str) -> tuple[ResumeP
     checkpoint. ``last`` needs a checkpoint; ``auto`` starts fresh when the run has none."""
     if ckpt_path is None:
         return ResumePlan(None), None
+    if ckpt_path == "hpc" or str(ckpt_path).startswith("registry") or "://" in str(ckpt_path):
+        return ResumePlan(str(ckpt_path)), None  # Lightning's own lookups and remote files: passed through as is
     if ckpt_path not in ("last", "auto"):
         ckpt = load_checkpoint(ckpt_path)
         return ResumePlan(str(ckpt_path), version_of(ckpt_path, root, name)), ckpt
@@ -171,7 +173,11 @@ def plan(config: Any, subcommand: str, run_name: str) -> ResumePlan:
     result, ckpt = resolve(config.get("ckpt_path"), root, run_name)
     if ckpt is not None:
         data = _plain(config["data"]) if config.get("data") else None
-        result.notes += check_resume(ckpt, result.path, _plain(config["model"]), data)
+        model = _plain(config["model"])
+        if subcommand != "fit":  # evaluation restores the weights: where training started from does not matter
+            model["init_args"] = {k: v for k, v in (model.get("init_args") or {}).items()
+                                  if k not in ("init_from", "sft_checkpoint")}
+        result.notes += check_resume(ckpt, result.path, model, data)
     if subcommand != "fit":
         result.version = None
     return result

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from recipes.parts.auroc import MaskedMultilabelAUROC, write_auroc_table
+from recipes.parts.auroc import MaskedMultilabelAUROC, log_auroc_table, write_auroc_table
 from recipes.parts.optim import effective_batch_size, layer_decay_groups, scaled_lr, warmup_cosine_scheduler
 from recipes.parts.vit_checkpoint import load_encoder_weights
 
@@ -63,6 +63,7 @@ class ViTClassifierModule(L.LightningModule):
         self.label_names: list[str] | None = list(label_names) if label_names else None
         self.model: torch.nn.Module | None = None
         self.metrics: dict[str, MaskedMultilabelAUROC] = {}
+        self._init_loaded = False
         if self.label_names is not None:
             self.configure_model()
 
@@ -80,18 +81,26 @@ class ViTClassifierModule(L.LightningModule):
     @override
     def configure_model(self) -> None:
         """Build the ViT once the label set is known (Lightning calls this before optimizers and restores)."""
-        if self.model is not None:
-            return
+        if self.model is not None or (self.label_names is None and self._trainer is None):
+            return  # without labels yet (load_from_checkpoint), on_load_checkpoint builds it
         hp = self.hparams
         labels = self._resolve_labels()
         self.model = timm.create_model(hp.model_name, pretrained=False, num_classes=len(labels), img_size=hp.img_size,
                                        in_chans=hp.in_chans, global_pool=hp.global_pool,
                                        drop_path_rate=hp.drop_path_rate, **(hp.model_kwargs or {}))
-        restoring = self._trainer is not None and self._trainer.ckpt_path is not None
-        if hp.init_from and not restoring:  # a checkpoint being restored overwrites the init anyway
-            fresh = load_encoder_weights(self.model, hp.init_from)
-            rank_zero_info(f"Loaded encoder weights from {hp.init_from}; fresh: {fresh}")
+        if self._trainer is None:  # built on its own: load now; under a trainer at fit start, unless restoring
+            self._load_init()
         self.metrics = torch.nn.ModuleDict({s: MaskedMultilabelAUROC(len(labels)) for s in ("val", "test")})
+
+    def _load_init(self) -> None:
+        if self.hparams.init_from and not self._init_loaded:
+            fresh = load_encoder_weights(self.model, self.hparams.init_from)
+            rank_zero_info(f"Loaded encoder weights from {self.hparams.init_from}; fresh: {fresh}")
+        self._init_loaded = True
+
+    @override
+    def on_fit_start(self) -> None:
+        self._load_init()  # never for validate/test, nor when a checkpoint's weights were restored
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -99,6 +108,7 @@ class ViTClassifierModule(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._init_loaded = True  # the checkpoint holds the weights: init_from is not read again
         if self.label_names is None:
             self.label_names = checkpoint.get("label_names")
         self.configure_model()
@@ -160,6 +170,7 @@ class ViTClassifierModule(L.LightningModule):
             csv_path, png_path = write_auroc_table(run_dir / "test_auroc", self.label_names, per_label, positives,
                                                    negatives, macro)
             rank_zero_info(f"Per-label AUROC written to {csv_path} and {png_path}")
+            log_auroc_table(self.trainer.loggers, csv_path, png_path)
 
     # ------------------------------------------------------------------------------------------ optimizer
     @override

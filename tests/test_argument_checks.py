@@ -18,7 +18,8 @@ from recipes.cli import CONFIG_DIR, main
 from recipes.grpo import GRPOModule
 from recipes.mae_pretrain import MAEPretrainModule
 from recipes.parts.mae_masking import random_masking
-from tests.sampling_helpers import VOCAB, TinyLM, token_loader, trainer
+from tests.conftest import VOCAB, TinyModule, tiny_loader
+from tests.sampling_helpers import trainer
 
 TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -43,7 +44,7 @@ def test_lisa_zero_weight_block_is_never_trained(tmp_path):
         def on_train_batch_end(self, *args):
             seen.append(list(lisa.active))
 
-    trainer([lisa, Record()], 6, tmp_path).fit(TinyLM(), token_loader(batches=6))
+    trainer([lisa, Record()], 6, tmp_path).fit(TinyModule(), tiny_loader(batches=6))
     assert seen and all(active == [0, 2] for active in seen)
 
 
@@ -72,7 +73,7 @@ def test_owlore_scores_file_and_scores_checked(tmp_path, scores, match):
     owlore = OwLore(n_layers=2, scores_file=str(path), galore=False)
     with pytest.raises(ValueError, match=rf"scores_file {path}: outlier scores must be finite and non-negative.*"
                                          + match):
-        trainer([owlore], 1, tmp_path).fit(TinyLM(), token_loader(batches=1))
+        trainer([owlore], 1, tmp_path).fit(TinyModule(), tiny_loader(batches=1))
     with pytest.raises(ValueError, match=r"scores: outlier scores must be finite and non-negative"):
         OwLore(n_layers=2, scores=scores)
 
@@ -98,7 +99,7 @@ class TinyGPT2(L.LightningModule):
 def test_owlore_names_blocks_without_linear_layers(tmp_path):
     with pytest.raises(ValueError, match=r"block 0 \(model.transformer.h.0, GPT2Block\) has none: its weight layers "
                                          r"are \['Conv1D'\]"):
-        trainer([OwLore(n_layers=1, galore=False)], 1, tmp_path).fit(TinyGPT2(), token_loader(batches=1))
+        trainer([OwLore(n_layers=1, galore=False)], 1, tmp_path).fit(TinyGPT2(), tiny_loader(batches=1))
 
 
 def fit_one_step(tmp_path, module, data):
@@ -127,7 +128,7 @@ def test_data_module_sizes_are_checked():
         VerifiableQADataModule(sft_batch_size=0)
 
 
-def test_cli_shows_the_callbacks_own_error_first(tmp_path, capsys, monkeypatch):
+def test_cli_shows_the_callbacks_own_error_first(tmp_path, capsys, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"weights has 1 positive entries") as info:
         main(["fit", "--config", str(CONFIG_DIR / "lisa_sft.yaml"), "--wandb=disabled",

@@ -22,7 +22,8 @@ from recipes.causal_lm import CausalLMModule
 from recipes.cli import CONFIG_DIR, main
 from recipes.grpo import GRPOModule
 from recipes.mae_pretrain import MAEPretrainModule
-from tests.sampling_helpers import token_loader, trainer
+from tests.conftest import tiny_loader
+from tests.sampling_helpers import trainer
 from tests.test_argument_checks import TINY, TinyGPT2, fit_one_step
 from tests.test_xray_data import CHEXPERT_HEADER, CHEXPERT_ROWS, chexpert, write_chexpert, write_nih, write_png
 
@@ -224,7 +225,7 @@ ARGUMENT_CASES = {  # arguments that used to reach a library (or train wrongly) 
     "owlore_scores_file_not_finite": (lambda t: OwLore(scores_file=_scores_file(t, [1, math.nan]))
                                       ._load_or_compute_scores(None, None), r"scores_file .*scores.json: .*nan"),
     "owlore_blocks_without_linear": (lambda t: trainer([OwLore(n_layers=1, galore=False)], 1, t).fit(
-        TinyGPT2(), token_loader(batches=1)), r"block 0 \(model.transformer.h.0, GPT2Block\) has none: .*Conv1D"),
+        TinyGPT2(), tiny_loader(batches=1)), r"block 0 \(model.transformer.h.0, GPT2Block\) has none: .*Conv1D"),
     "max_length_beyond_positions": (lambda t: fit_one_step(t, CausalLMModule(model_config=TINY, exact_match_batches=0),
                                                            InstructionDataModule(synthetic_dir=str(t / "s"),
                                                                                  synthetic_train_size=16,
@@ -253,7 +254,7 @@ CLI_ARGUMENT_CASES = {  # a class's own __init__ error reaches the user first, n
 
 
 @pytest.mark.parametrize("case", sorted(CLI_ARGUMENT_CASES))
-def test_class_errors_in_the_cli(case, tmp_path, capsys, monkeypatch):
+def test_class_errors_in_the_cli(case, tmp_path, capsys, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     config, args, pattern = CLI_ARGUMENT_CASES[case]
     with pytest.raises(ValueError, match=pattern):

@@ -46,7 +46,7 @@ CASES = [pytest.param(path, precision, id=f"{path.stem}-{precision}",
 
 
 @pytest.mark.parametrize(("path", "precision"), CASES)
-def test_recipe_trains_in_bf16(path: Path, precision: str, tmp_path, monkeypatch):
+def test_recipe_trains_in_bf16(path: Path, precision: str, tmp_path, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["recipes"])
     args = ["--config", str(path), f"--trainer.default_root_dir={tmp_path / 'runs'}", *SMOKE_ARGS,
@@ -85,12 +85,13 @@ def test_grpo_update_moves_weights_in_bf16(precision, tmp_path):
 def test_lisa_optimizer_state_in_bf16_true_is_trainable_now_times_moment_bytes(tmp_path):
     """AdamW in bf16-true keeps two bf16 moments (2 x 2 bytes) per trainable-now parameter, plus a 4-byte step."""
     from callbacks.lisa import LISA
-    from tests.sampling_helpers import TinyLM, token_loader, trainer
+    from tests.conftest import TinyModule, tiny_loader
+    from tests.sampling_helpers import trainer
     from tests.test_lisa import IntervalProbe
 
     lisa = LISA(n_layers=1, interval=2, seed=0)
     probe = IntervalProbe(lisa)
-    trainer([lisa, probe], 6, tmp_path, precision="bf16-true").fit(TinyLM(layers=4), token_loader(batches=6))
+    trainer([lisa, probe], 6, tmp_path, precision="bf16-true").fit(TinyModule(layers=4), tiny_loader(batches=6))
     assert len(probe.rows) == 6
     for row in probe.rows:
         assert row["state_ids"] == row["trainable_ids"]

@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from recipes.parts.chunked_head import chunked_cross_entropy, chunked_token_logprobs, last_hidden_state, split_lm
 from recipes.parts.grpo_loss import token_entropy, token_logprobs
+from tests.conftest import TINY_LM_CONFIG
 
 
 def _tiny_lm(vocab: int = 97, seed: int = 0):
@@ -92,8 +93,7 @@ def test_sft_module_chunked_loss_equals_plain_loss(lora, tmp_path):
     dm.prepare_data()
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    tiny = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 2}
+    tiny = TINY_LM_CONFIG
     losses, grads = [], []
     for chunk in (None, 5):
         torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """Generated default data: keyed by what generated it, written atomically, shared safely, usable read-only."""
 
+import os
 import subprocess
 import threading
 import time
@@ -84,3 +85,13 @@ def test_a_failed_generation_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         generate_once(tmp_path, "demo", {"seed": 1}, crash)
     assert list(tmp_path.iterdir()) == [] and not keyed_dir(tmp_path, "demo", {"seed": 1}).exists()
+
+
+def test_staging_folders_of_killed_writers_are_removed_after_an_hour(tmp_path):
+    target = keyed_dir(tmp_path, "demo", {"seed": 2})
+    old, fresh = tmp_path / f".{target.name}.tmp-old", tmp_path / f".{target.name}.tmp-fresh"
+    for folder in (old, fresh):
+        folder.mkdir()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    generate_once(tmp_path, "demo", {"seed": 2}, lambda d: (d / "x").write_text("1"))
+    assert not old.exists() and fresh.exists()  # a fresh one may belong to a writer still running

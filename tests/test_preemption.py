@@ -54,8 +54,13 @@ def test_signal_saves_step_reached_and_exits_with_128_plus_signal(tmp_path, name
 
 def test_periodic_last_checkpoint_by_steps_and_by_time(tmp_path, monkeypatch):
     by_steps = PeriodicLastCheckpoint(every_n_minutes=None, every_n_steps=3)
+    step_saves = []
+    save_by_steps = by_steps.save
+    monkeypatch.setattr(by_steps, "save",
+                        lambda trainer: step_saves.append(trainer.global_step) or save_by_steps(trainer))
     _trainer(tmp_path / "a", by_steps, max_steps=7).fit(BoringModel())
-    assert torch.load(by_steps.last_path, weights_only=True)["global_step"] == 6
+    assert step_saves == [3, 6, 7]  # every 3 steps, and once more when the fit ends
+    assert torch.load(by_steps.last_path, weights_only=True)["global_step"] == 7
 
     clock = iter(range(0, 10_000, 50))  # 50 s per call of time.monotonic
     monkeypatch.setattr("callbacks.periodic_checkpoint.monotonic", lambda: float(next(clock)))
@@ -64,7 +69,7 @@ def test_periodic_last_checkpoint_by_steps_and_by_time(tmp_path, monkeypatch):
     save = by_time.save
     monkeypatch.setattr(by_time, "save", lambda trainer: saves.append(trainer.global_step) or save(trainer))
     _trainer(tmp_path / "b", by_time, max_steps=6).fit(BoringModel())
-    assert saves == [2, 4, 6]  # 50 s between checks: the 90 s interval is passed every second step
+    assert saves == [2, 4, 6]  # 50 s between checks: the 90 s interval is passed every second step; 6 is the end
     with pytest.raises(ValueError, match="every_n_steps must be >= 0"):
         PeriodicLastCheckpoint(every_n_steps=-1)
 
@@ -128,3 +133,22 @@ def test_under_slurm_rank_zero_requeues_the_job_after_saving(tmp_path, monkeypat
     assert info.value.requeued and "the SLURM job was requeued" in str(info.value)
     assert (tmp_path / "called").read_text().split() == ["requeue", "4242"]
     assert torch.load(info.value.path, weights_only=True)["global_step"] == 3
+
+
+class SigtermDuringValidation(L.Callback):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        signal.raise_signal(signal.SIGTERM)
+
+
+def test_sigterm_during_validate_exits_143_not_0(tmp_path, monkeypatch):
+    from recipes.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info, pytest.warns(UserWarning, match="UNTRAINED MODEL"):
+        main(["validate", "--config", str(CONFIG_DIR / "sft.yaml"), "--trainer.default_root_dir=runs",
+              "--wandb=disabled", "--trainer.accelerator=cpu", "--trainer.limit_val_batches=3",
+              "--trainer.enable_progress_bar=false", "--data.init_args.synthetic_train_size=40",
+              "--data.init_args.synthetic_dir=syn", "--model.init_args.model_config.hidden_size=16",
+              "--model.init_args.model_config.intermediate_size=32", "--model.init_args.exact_match_batches=0",
+              "--trainer.callbacks+=tests.test_preemption.SigtermDuringValidation"])
+    assert info.value.code == 143  # Lightning alone stops a SIGTERM-ed evaluation with status 0

@@ -13,6 +13,7 @@ from datamodules.tokenizer import build_char_tokenizer
 from recipes.cli import main
 from recipes.diversity import evaluate_crc, sample_completions
 from recipes.restore import load_causal_lm, parse_block_range, restore_blocks
+from tests.conftest import TINY_LM_CONFIG
 
 LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2,
          "max_position_embeddings": 64, "tie_word_embeddings": False}
@@ -114,7 +115,7 @@ def test_restore_from_lightning_checkpoints(tmp_path):
     from recipes.grpo import GRPOModule
 
     files = write_crc_mix(tmp_path / "data", n_sft=32, n_train=16, n_val=4)
-    config = {"model_type": "llama", "num_hidden_layers": 3, **LLAMA}
+    config = {**TINY_LM_CONFIG, "num_hidden_layers": 3}
     sft = _fit(CausalLMModule(model_config=config, warmup_steps=0),
                InstructionDataModule(train_file=str(files["sft"]), val_file=str(files["val"]), batch_size=4),
                tmp_path / "sft")

@@ -74,7 +74,7 @@ def test_resume_rule_defining_settings_must_match_changeable_ones_are_listed():
     assert "gradient_checkpointing" not in message
 
 
-def test_cli_stops_before_training_on_a_checkpoint_of_another_model_size(tmp_path, monkeypatch):
+def test_cli_stops_before_training_on_a_checkpoint_of_another_model_size(tmp_path, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
     hparams = {**SFT_HPARAMS, "model_config": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384,
                                                "num_hidden_layers": 4, "num_attention_heads": 4,

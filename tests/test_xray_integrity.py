@@ -56,7 +56,8 @@ def test_duplicate_row_with_other_labels_and_row_without_patient(tmp_path):
     with pytest.raises(DataError, match=rf"{CSV}:9: image 00000002_000.png is listed again with other labels or "
                                         r"patient than at line 4"):
         nih(root)
-    dm = nih(root, skip_bad=True)
+    with pytest.warns(UserWarning, match="conflicting_duplicate"):
+        dm = nih(root, skip_bad=True)
     assert dm.skipped == {"conflicting_duplicate": 1}
     assert "00000002_000.png" not in _names(dm, "train") | _names(dm, "val")
     assert sum(r.path.name == "00000001_000.png" for r in dm.splits["train"] + dm.splits["val"]) == 1
@@ -65,7 +66,8 @@ def test_duplicate_row_with_other_labels_and_row_without_patient(tmp_path):
     root = write_nih(tmp_path / "b", rows=rows)
     with pytest.raises(DataError, match=rf"{CSV}:5: image 00000003_000.png has no Patient ID"):
         nih(root)
-    assert nih(root, skip_bad=True).skipped == {"missing_patient": 1}
+    with pytest.warns(UserWarning, match="missing_patient"):
+        assert nih(root, skip_bad=True).skipped == {"missing_patient": 1}
 
 
 def test_non_utf8_csv_names_file_and_line(tmp_path):
@@ -120,7 +122,7 @@ def test_label_without_usable_training_entry_is_reported(tmp_path):
             for rel, view, values in CHEXPERT_ROWS]  # Cardiomegaly: positives only as uncertain
     root = write_chexpert(tmp_path, rows=rows)
     with pytest.warns(UserWarning, match=r"Cardiomegaly \(ignore: 0 positive, \d negative, \d ignored\)"):
-        dm = chexpert(root, uncertainty="ignore")
+        dm = chexpert(root, report_coverage=True, uncertainty="ignore")
     positives, negatives, ignored = dm.label_report["Cardiomegaly"]
     assert positives == 0 and positives + negatives + ignored == len(dm.splits["train"])
     assert chexpert(root, uncertainty="ones").label_report["Cardiomegaly"][0] > 0

@@ -104,3 +104,15 @@ def write_auroc_table(path: str | Path, label_names: list[str], per_label: list[
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return csv_path, png_path
+
+
+def log_auroc_table(loggers: list, csv_path: Path, png_path: Path) -> None:
+    """Send the written table (``test/auroc_table``) and its bar plot (``test/auroc_plot``) to every W&B logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    with Path(csv_path).open() as f:
+        header, *rows = list(csv.reader(f))
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(key="test/auroc_table", columns=header, data=rows)
+            logger.log_image(key="test/auroc_plot", images=[str(png_path)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -35,7 +37,13 @@ def build_causal_lm(model_path: str | None, model_config: dict | None, tokenizer
     """
     dtype = dtype or torch.get_default_dtype()
     if model_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError) as err:
+            if Path(model_path).exists():
+                raise
+            raise FileNotFoundError(f"model_path {model_path!r} does not exist: pass a local directory saved with "
+                                    "save_pretrained() (nothing is downloaded)") from err
     else:
         cfg = dict(model_config or DEFAULT_MODEL_CONFIG)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,

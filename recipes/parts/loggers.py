@@ -53,6 +53,24 @@ class ContinuingCSVLogger(CSVLogger):
         return self._experiment
 
 
+def claim_run_dir(parent: str | Path, prefix: str = "version_") -> Path:
+    """Create and return ``parent/<prefix><n>`` for the next free ``n``.
+
+    The folder is claimed with an exclusive ``mkdir``, so two runs started at the same moment never share one.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        taken = [int(p.name[len(prefix):]) for p in parent.iterdir() if p.name.startswith(prefix)
+                 and p.name[len(prefix):].isdigit()]
+        path = parent / f"{prefix}{max(taken, default=-1) + 1}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue  # another run took it between the listing and the mkdir
+
+
 def wandb_run_id(run_dir: str | Path) -> str | None:
     """The W&B run id of a run folder, created once (by rank 0; other ranks do not log to W&B) and kept in
     ``wandb_id.txt``, so a resumed run logs to the same W&B run."""
@@ -74,20 +92,67 @@ def default_loggers(root: str | Path, name: str, wandb: str = "offline", project
     W&B files go inside the CSV run directory, so the config each run saves never collides with another
     run's. The CSV writer is created first, while that directory is still empty. ``version`` (``version_N``)
     continues that existing run folder: its ``metrics.csv`` goes on from the step reached and W&B resumes the
-    same run id.
+    same run id. A new run's folder is claimed atomically (:func:`claim_run_dir`) by rank 0; the W&B run's group
+    is ``<name>/version_N``, shared with evaluations of its checkpoints (:func:`eval_loggers`).
     """
-    if wandb not in WANDB_MODES:
-        raise ValueError(f"wandb must be one of {WANDB_MODES}, got {wandb!r}")
-    csv_logger = (CSVLogger(save_dir=str(root), name=name) if version is None
-                  else ContinuingCSVLogger(save_dir=str(root), name=name, version=version))
+    _check_mode(wandb)
+    if version is not None:
+        csv_logger = ContinuingCSVLogger(save_dir=str(root), name=name, version=version)
+    elif _rank() == 0:
+        run_dir = claim_run_dir(Path(root) / name)
+        csv_logger = CSVLogger(save_dir=str(root), name=name, version=int(run_dir.name.removeprefix("version_")))
+    else:  # other DDP ranks never write; the trainer broadcasts rank 0's log_dir
+        csv_logger = CSVLogger(save_dir=str(root), name=name)
+    return _with_wandb(csv_logger, f"{name}/{Path(csv_logger.log_dir).name}", wandb, project, job_type="fit")
+
+
+def eval_loggers(ckpt_path: str | Path, stage: str, wandb: str = "offline",
+                 project: str = "layerwise-recipes") -> list:
+    """Loggers for ``validate``/``test`` of a checkpoint: ``<run dir>/eval/<stage>_N`` inside the checkpoint's run
+    folder (the folder above ``checkpoints/``), and a W&B run in the training run's group."""
+    _check_mode(wandb)
+    ckpt_path = Path(ckpt_path)
+    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    group = f"{run_dir.parent.name}/{run_dir.name}"
+    if _rank() != 0:
+        return _with_wandb(CSVLogger(save_dir=str(run_dir), name="eval", version=stage), group, wandb, project,
+                           job_type=stage)
+    eval_dir = claim_run_dir(run_dir / "eval", prefix=f"{stage}_")
+    csv_logger = CSVLogger(save_dir=str(run_dir), name="eval", version=eval_dir.name)
+    return _with_wandb(csv_logger, group, wandb, project, job_type=stage, run_name=f"{group}/eval/{eval_dir.name}")
+
+
+def _with_wandb(csv_logger: CSVLogger, group: str, wandb: str, project: str, job_type: str,
+                run_name: str | None = None) -> list[Logger]:
     loggers: list[Logger] = [csv_logger]
     if wandb != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
         _ = csv_logger.experiment  # creates the run directory (rank zero) before W&B writes into it
         run_dir = Path(csv_logger.log_dir)
         run_dir.mkdir(parents=True, exist_ok=True)  # other ranks: W&B's own directory argument must exist
-        loggers.append(_WandbLogger(project=project, name=f"{name}/{run_dir.name}", save_dir=str(run_dir),
-                                    offline=wandb == "offline", id=wandb_run_id(run_dir), resume="allow"))
+        loggers.append(_WandbLogger(project=project, name=run_name or group, group=group, job_type=job_type,
+                                    save_dir=str(run_dir), offline=wandb == "offline", id=wandb_run_id(run_dir),
+                                    resume="allow"))
     return loggers
+
+
+def _rank() -> int:
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def _check_mode(wandb: str) -> None:
+    if wandb not in WANDB_MODES:
+        raise ValueError(f"wandb must be one of {WANDB_MODES}, got {wandb!r}")
+
+
+def remove_unused_run_dir(run_dir: str | Path, loggers: list[Logger]) -> None:
+    """Delete ``run_dir``, claimed by :func:`default_loggers` for a run that failed before its first optimizer
+    step (it holds no results); its W&B run is closed first."""
+    if _rank() != 0:
+        return
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish(exit_code=1)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class _WandbLogger(WandbLogger):

@@ -1,0 +1,110 @@
+"""``python -m recipes export --ckpt_path <ckpt> --out <dir>``: a trained checkpoint in the format other tools load.
+
+- ``CausalLMModule`` / ``GRPOModule``: a Hugging Face folder (``save_pretrained`` model + tokenizer) that loads with
+  ``AutoModelForCausalLM.from_pretrained(out)``. LoRA adapters are merged into the weights, unless
+  ``--keep_adapters``: then ``out`` holds the peft adapters and ``out/base`` the base model.
+- ``ViTClassifierModule`` / ``MAEPretrainModule`` (its encoder): a timm folder (``config.json`` +
+  ``model.safetensors``) that loads with ``timm.create_model("local-dir:<out>", pretrained=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import lightning as L
+import torch
+
+MODULES = {
+    "recipes.causal_lm.CausalLMModule": "causal_lm",
+    "recipes.grpo.GRPOModule": "causal_lm",
+    "recipes.vit_classifier.ViTClassifierModule": "timm",
+    "recipes.mae_pretrain.MAEPretrainModule": "timm",
+}
+
+
+def module_class_path(checkpoint: dict, ckpt_path: str | Path) -> str:
+    """The LightningModule class a checkpoint was saved from (``python -m recipes`` records it)."""
+    path = checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if path is None:
+        keys = checkpoint.get("state_dict", {})
+        if any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder_") for k in keys):
+            path = "recipes.mae_pretrain.MAEPretrainModule"
+        elif "label_names" in checkpoint:
+            path = "recipes.vit_classifier.ViTClassifierModule"
+        elif "grpo_sft_done" in checkpoint:
+            path = "recipes.grpo.GRPOModule"
+        else:
+            path = "recipes.causal_lm.CausalLMModule"
+    short = {p.rsplit(".", 1)[1]: p for p in MODULES}
+    path = short.get(path.rsplit(".", 1)[-1], path)
+    if path not in MODULES:
+        raise ValueError(f"{ckpt_path}: a checkpoint of {path}; export knows {sorted(MODULES)}")
+    return path
+
+
+def load_module(ckpt_path: str | Path) -> L.LightningModule:
+    """``<Module>.load_from_checkpoint(ckpt_path)`` for the class the checkpoint was saved from, on the CPU."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    module_name, cls_name = module_class_path(checkpoint, ckpt_path).rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+
+
+def export_causal_lm(module: L.LightningModule, out: Path, keep_adapters: bool = False) -> Path:
+    """Write ``module.model`` and its tokenizer with ``save_pretrained``; LoRA merged unless ``keep_adapters``."""
+    from peft import PeftModel
+
+    model = module.model
+    if isinstance(model, PeftModel):
+        if keep_adapters:
+            model.save_pretrained(out)
+            model = model.unload()  # the base weights, adapters removed without merging
+            out = out / "base"
+        else:
+            model = model.merge_and_unload()
+    model.save_pretrained(out)
+    module.tokenizer.save_pretrained(out)
+    return out
+
+
+def export_timm(module: L.LightningModule, out: Path) -> Path:
+    """Write a timm ``config.json`` + ``model.safetensors`` (the classifier, or the MAE encoder)."""
+    from timm.models import save_for_hf
+
+    hp = module.hparams
+    if hasattr(module, "encoder"):  # MAE: the encoder, no head
+        model, extra = module.encoder, {}
+        model_args = {"img_size": hp.img_size, "in_chans": hp.in_chans, **(hp.model_kwargs or {})}
+    else:
+        model, extra = module.model, {"label_names": list(module.label_names)}
+        model_args = {"img_size": hp.img_size, "in_chans": hp.in_chans, "global_pool": hp.global_pool,
+                      **(hp.model_kwargs or {})}
+    save_for_hf(model, str(out), model_config={"architecture": hp.model_name, **extra}, model_args=model_args,
+                safe_serialization=True)
+    return out
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, keep_adapters: bool = False) -> Path:
+    """Export ``ckpt_path`` into the folder ``out`` (created); returns the folder a model loads from."""
+    out = Path(out)
+    module = load_module(ckpt_path)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = MODULES[f"{type(module).__module__}.{type(module).__name__}"]
+    with torch.no_grad():
+        return export_causal_lm(module, out, keep_adapters) if kind == "causal_lm" else export_timm(module, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m recipes export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by python -m recipes fit")
+    parser.add_argument("--out", required=True, help="the folder to write (created)")
+    parser.add_argument("--keep_adapters", action="store_true",
+                        help="LoRA: save the peft adapters (and the base model in <out>/base) instead of merging")
+    args = parser.parse_args(argv)
+    folder = export_checkpoint(args.ckpt_path, args.out, args.keep_adapters)
+    print(f"Exported {args.ckpt_path} to {folder}")
