@@ -52,7 +52,8 @@ def script_checks(smoke: bool) -> list[tuple[str, list[str], float]]:
     device = ["--device", "cpu", "--precision", "bf16-true"] if smoke else ["--device", "cuda", "--precision",
                                                                             "bf16-true"]
     sampling = ["--seq", "32" if smoke else "1024", "--batch", "1", "--steps", "4" if smoke else "8", "--interval",
-                "1", "--warmup", "1" if smoke else "3", "--lora-rank", "16"]
+                "1", "--warmup", "1" if smoke else "3", "--lora-rank", "16",
+                "--methods", "full,lora,lisa,lisa_frozen_embedding,owlore"]
     checks = []
     for size in (("smoke",) if smoke else ("1b", "3b")):
         checks.append((f"layer_sampling_{size}", [py, str(HERE / "layer_sampling_memory.py"), *LLAMA[size], *sampling,
