@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recipes.cli import RecipesCLI
-from tests.test_configs import CONFIGS, EXTRA_SMOKE_ARGS, SMOKE_ARGS
+from tests.test_configs import CONFIGS, EXTRA_SMOKE_ARGS, SMOKE_ARGS, TINY_VAL_AUROC
 
 PRECISIONS = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.float32}
 
@@ -45,6 +45,7 @@ CASES = [pytest.param(path, precision, id=f"{path.stem}-{precision}",
          for path in CONFIGS for precision in PRECISIONS]
 
 
+@TINY_VAL_AUROC
 @pytest.mark.parametrize(("path", "precision"), CASES)
 def test_recipe_trains_in_bf16(path: Path, precision: str, tmp_path, monkeypatch, cli_argv):
     monkeypatch.chdir(tmp_path)
