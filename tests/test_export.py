@@ -53,6 +53,7 @@ def test_keep_adapters_writes_peft_adapters_and_base(lora_ckpt, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*AUROC undefined")  # a few phantom images: some labels have no positive
 def test_vit_and_mae_checkpoints_export_to_timm_and_test_beside_the_run(tmp_path):
     mae_run = run_recipe("fit", "mae_pretrain_cxr", tmp_path)
     mae = MAEPretrainModule.load_from_checkpoint(last_checkpoint(mae_run), map_location="cpu").eval()
