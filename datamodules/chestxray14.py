@@ -10,7 +10,6 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.generated import generate_once, keyed_dir
 from datamodules.jsonl_records import DataError, read_utf8
 from datamodules.phantom_cxr import NIH_LABELS, write_phantom_nih
 from datamodules.xray_dataset import (
@@ -174,21 +173,12 @@ class ChestXray14DataModule(XrayDataModule):
         self.label_names = list(NIH_LABELS)
         self.skipped: dict[str, int] = {}
 
+    phantom_kind = "nih"
+    write_phantom = staticmethod(write_phantom_nih)
+
     @property
     def data_root(self) -> Path:
-        hp = self.hparams
-        return Path(hp.root) if hp.root is not None else keyed_dir(hp.phantom_dir, "nih", self._phantom_key())
-
-    def _phantom_key(self) -> dict:
-        hp = self.hparams
-        return {"n_patients": hp.phantom_patients, "image_size": hp.phantom_image_size, "seed": hp.seed}
-
-    def prepare_data(self) -> None:
-        hp = self.hparams
-        if hp.root is None:
-            generate_once(hp.phantom_dir, "nih", self._phantom_key(),
-                          lambda d: write_phantom_nih(d, n_patients=hp.phantom_patients,
-                                                      image_size=hp.phantom_image_size, seed=hp.seed))
+        return Path(self.hparams.root) if self.hparams.root is not None else self.phantom_folder()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

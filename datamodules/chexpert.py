@@ -9,7 +9,6 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from datamodules.generated import generate_once, keyed_dir
 from datamodules.jsonl_records import DataError, read_utf8
 from datamodules.phantom_cxr import CHEXPERT_LABELS, write_phantom_chexpert
 from datamodules.xray_dataset import (
@@ -168,23 +167,13 @@ class CheXpertDataModule(XrayDataModule):
         self.skipped: dict[str, int] = {}
         self.label_report: dict[str, tuple[int, int, int]] = {}  # label -> training (positive, negative, ignored)
 
+    phantom_kind = "chexpert"
+    write_phantom = staticmethod(write_phantom_chexpert)
+
     @property
     def data_root(self) -> Path:
         hp = self.hparams
-        if hp.root is not None:
-            return Path(hp.root)
-        return keyed_dir(hp.phantom_dir, "chexpert", self._phantom_key()) / "CheXpert-v1.0-small"
-
-    def _phantom_key(self) -> dict:
-        hp = self.hparams
-        return {"n_patients": hp.phantom_patients, "image_size": hp.phantom_image_size, "seed": hp.seed}
-
-    def prepare_data(self) -> None:
-        hp = self.hparams
-        if hp.root is None:
-            generate_once(hp.phantom_dir, "chexpert", self._phantom_key(),
-                          lambda d: write_phantom_chexpert(d, n_patients=hp.phantom_patients,
-                                                           image_size=hp.phantom_image_size, seed=hp.seed))
+        return Path(hp.root) if hp.root is not None else self.phantom_folder() / "CheXpert-v1.0-small"
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

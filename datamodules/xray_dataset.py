@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.generated import generate_once, keyed_dir
 from datamodules.jsonl_records import DataError
 from datamodules.resumable_sampler import apply_seeded, resumable_sampler
 from datamodules.xray_transforms import RAND_AUGMENT, build_xray_transform, image_problem, load_xray
@@ -145,6 +146,26 @@ class XrayDataModule(L.LightningDataModule):
                                                     **kwargs)
         self.eval_transform = build_xray_transform("eval", **kwargs)
         self.num_workers = num_workers
+
+    # the generated phantom set used when ``root`` is None: its folder kind and writer (set by each subclass)
+    phantom_kind: str
+    write_phantom: Callable[..., object]
+
+    def phantom_folder(self) -> Path:
+        """The phantom set's folder under ``phantom_dir``, keyed by the settings that generate it."""
+        return keyed_dir(self.hparams.phantom_dir, self.phantom_kind, self._phantom_key())
+
+    def _phantom_key(self) -> dict:
+        hp = self.hparams
+        return {"n_patients": hp.phantom_patients, "image_size": hp.phantom_image_size, "seed": hp.seed}
+
+    def prepare_data(self) -> None:
+        """Write the phantom set once (atomically, shared by concurrent runs) when no ``root`` is given."""
+        hp = self.hparams
+        if hp.root is None:
+            generate_once(hp.phantom_dir, self.phantom_kind, self._phantom_key(),
+                          lambda folder: self.write_phantom(folder, n_patients=hp.phantom_patients,
+                                                            image_size=hp.phantom_image_size, seed=hp.seed))
 
     def dataset(self, split: str) -> XrayDataset:
         if split not in self.splits:
