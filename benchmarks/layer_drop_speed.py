@@ -28,10 +28,15 @@ from callbacks.layer_drop import ProgressiveLayerDrop  # noqa: E402
 LATE_STEP = 10**9  # theta(t) = theta_bar: no decay left
 
 
+def mlp_size(hidden: int) -> int:
+    """Llama's MLP width: 2/3 of 4 x hidden, rounded up to a multiple of 256 (aligned for the GPU's matmul kernels)."""
+    return 256 * -(-(8 * hidden // 3) // 256)
+
+
 def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                                   intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
+                                   intermediate_size=mlp_size(args.hidden), num_hidden_layers=args.layers,
                                    num_attention_heads=args.hidden // 64,
                                    num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq_len)
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=getattr(torch, args.dtype)).train()
@@ -66,6 +71,8 @@ def main() -> None:
     parser.add_argument("--theta-bar", type=float, default=0.5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and AdamW state")
+    parser.add_argument("--fused-adamw", action="store_true",
+                        help="AdamW's fused kernel (as Hugging Face's Trainer uses on a GPU) in every configuration")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps timings steady on a shared box)")
     args = parser.parse_args()
     if args.quick:
@@ -74,7 +81,8 @@ def main() -> None:
     device = torch.device(args.device)
 
     models = {name: build(args, device) for name in ("baseline", "pld", "outside")}
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=args.fused_adamw or None)
+                  for name, m in models.items()}
     pld = ProgressiveLayerDrop(theta_bar=args.theta_bar, seed=0)
     pld.install(models["pld"])
     skip_all = ProgressiveLayerDrop(seed=0)
@@ -104,7 +112,8 @@ def main() -> None:
     expected = (t_out + fraction * (t_base - t_out)) / t_base
     print(json.dumps({
         "benchmark": "layer_drop_speed", "device": str(device), "threads": args.threads, "layers": args.layers,
-        "hidden": args.hidden, "dtype": args.dtype, "theta": args.theta_bar, "fraction_computed": round(fraction, 4),
+        "hidden": args.hidden, "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
+        "fused_adamw": args.fused_adamw, "theta": args.theta_bar, "fraction_computed": round(fraction, 4),
         "fraction_expected": round(sum(pld.keep_probabilities(LATE_STEP, args.layers)) / args.layers, 4),
         "step_s_baseline": round(t_base, 5), "step_s_pld": round(t_pld, 5), "step_s_outside_blocks": round(t_out, 5),
         "ratio": round(t_pld / t_base, 4), "expected_ratio": round(expected, 4),

@@ -16,6 +16,7 @@ Prints one JSON line: raw figures per method and ratios to full FT.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -50,6 +51,10 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     from callbacks.owlore import OwLore
 
     cuda = args.device == "cuda"
+    if cuda:  # with --same-process, what an earlier method left allocated is in the base and not counted
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
     heads = args.heads or args.hidden // 64
     cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
@@ -122,7 +127,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     switches = sum(a != b for a, b in zip(meter.active, meter.active[1:], strict=False))
     return {
-        "method": method, "params": total_params, "peak_memory_bytes": peak - base,
+        "method": method, "params": total_params, "peak_memory_bytes": peak - base, "base_bytes": base,
         "optimizer_state_bytes": meter.state[-1], "optimizer_state_bytes_max": max(meter.state),
         "adamw_expected_bytes": meter.expected[-1], "switches": switches,
         "step_time_s": statistics.median(meter.times[args.warmup:]),
@@ -148,8 +153,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-true on a GPU")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--same-process", action="store_true",
+                        help="(cuda) run the methods one after another in this process, saving a start per method; "
+                             "each method's peak is its own (peak statistics reset, the base subtracted)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.same_process and args.device != "cuda":
+        parser.error("--same-process needs --device cuda: on the CPU a method's peak is its process's peak RSS")
     if args.quick:  # re-sample every step: 13 draws, still more than 10 switches
         args.steps, args.interval, args.warmup = 14, 1, 2
     if args.worker:
@@ -157,12 +167,17 @@ def main() -> None:
         return
     results = {}
     for method in args.methods.split(","):
+        if args.same_process:
+            results[method] = worker(method, args)
+            print("RESULT " + json.dumps(results[method]), flush=True)  # a caller with a deadline keeps these
+            continue
         cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", method]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:
             raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
         results[method] = json.loads(lines[-1][len("RESULT "):])
+        print(lines[-1], flush=True)
     full = results.get("full")
     summary = {"benchmark": "layer_sampling_memory", "device": args.device, "precision": args.precision,
                "model": f"llama L{args.layers} h{args.hidden} mlp{args.mlp} v{args.vocab}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -104,6 +105,8 @@ def section(name: str, records: list[dict]) -> list[str]:
     lines = [f"## {name}", ""]
     if text := describe(name):
         lines += [text, ""]
+    if name == "gpu_check":
+        return lines + gpu_check_tables(records)
     rows = [flatten(r) for r in records]
     meta = [{k: r.pop(k) for k in list(r) if k.startswith("_")} for r in rows]
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -116,8 +119,28 @@ def section(name: str, records: list[dict]) -> list[str]:
         for i, row in enumerate(rows, 1):
             lines += [f"Run {i}:", "", "| figure | value |", "|---|---|"]
             lines += [f"| {k} | {cell(v)} |" for k, v in row.items()] + [""]
-    lines += ["Runs: " + "; ".join(f"{i}. `{m.get('_command', '?')}` on {m.get('_machine', '?')}, {m.get('_date', '?')}"
-                                   for i, m in enumerate(meta, 1)), ""]
+    lines += ["Runs: " + "; ".join(f"{i}. {run_line(m)}" for i, m in enumerate(meta, 1)), ""]
+    return lines
+
+
+def run_line(meta: dict) -> str:
+    """How a run was made: its command, machine and date, and its note if it has one."""
+    note = f" ({meta['_note']})" if meta.get("_note") else ""
+    return f"`{meta.get('_command', '?')}` on {meta.get('_machine', '?')}, {meta.get('_date', '?')}{note}"
+
+
+def gpu_check_tables(records: list[dict]) -> list[str]:
+    """One headline table per ``gpu_check.py`` run (its checks share a command and date); raw figures stay in
+    ``results/gpu_check.jsonl``."""
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parent / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    runs: dict[tuple, list[dict]] = {}
+    for record in records:
+        runs.setdefault((record.get("_command"), record.get("_date")), []).append(record)
+    lines = []
+    for i, checks in enumerate(runs.values(), 1):
+        lines += [f"Run {i}: {run_line(checks[0])}", "", gpu_check.summary_table({r["check"]: r for r in checks}), ""]
     return lines
 
 

@@ -151,9 +151,10 @@ class ProgressiveLayerDrop(L.Callback):
             self._remember_form(out)
             if p == 1.0:
                 return out
+            # x + (out - x) / p as one fused kernel (lerp with weight 1/p): fewer launches per kept block
             if isinstance(out, tuple):
-                return (x + (out[0] - x) / p,) + out[1:]
-            return x + (out - x) / p
+                return (torch.lerp(x, out[0], 1.0 / p),) + out[1:]
+            return torch.lerp(x, out, 1.0 / p)
 
         return forward
 

@@ -18,12 +18,13 @@ import gpu_check  # noqa: E402
 def test_cpu_smoke_runs_every_check(tmp_path, capsys):
     out = tmp_path / "gpu.jsonl"
     results = gpu_check.main(["--cpu-smoke", "--out", str(out)])
-    expected = {name for name, _, _ in gpu_check.script_checks(True)} | set(gpu_check.OWN_CHECKS)
+    expected = set(gpu_check.script_checks(True)) | set(gpu_check.OWN_CHECKS)
     assert set(results) == expected
     errors = {name: r["error"] for name, r in results.items() if "error" in r}
     assert not errors, errors
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["check"] for r in lines] == list(results) and all(r["benchmark"] == "gpu_check" for r in lines)
+    assert all(r["_command"].startswith("python benchmarks/gpu_check.py --cpu-smoke") and r["_date"] for r in lines)
     assert results["grpo"]["forbidden_modules_imported"] == []
     assert results["fsdp_lisa"]["only_sampled_blocks_moved"] and results["fsdp_lisa"]["state_within_trainable_bound"]
     assert set(results["layer_sampling_smoke"]["results"]) == {"full", "lora", "lisa", "lisa_frozen_embedding",
@@ -41,3 +42,23 @@ def test_smoke_environment_hides_the_packages_the_gpu_machine_lacks():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "hidden"
+
+
+def test_deadline_skips_the_checks_it_leaves_no_time_for(capsys):
+    results = gpu_check.main(["--cpu-smoke", "--only", "mae_speed,grpo", "--deadline", "5"])
+    assert set(results) == {"mae_speed", "grpo"}
+    assert all(r["error"].startswith("skipped: the run's 5 s deadline") for r in results.values())
+    assert "| mae_speed | error | skipped" in capsys.readouterr().out
+
+
+def test_a_timed_out_layer_sampling_run_keeps_the_methods_it_finished():
+    method = {"method": "full", "peak_memory_bytes": 2e9, "step_time_s": 0.5}
+    lora = {**method, "method": "lora", "peak_memory_bytes": 1e9}
+    code = (f"import time\nprint('RESULT ' + {json.dumps(method)!r}, flush=True)\n"
+            f"print('RESULT ' + {json.dumps(lora)!r}, flush=True)\ntime.sleep(60)\n")
+    result = gpu_check.run_check("layer_sampling_3b", [sys.executable, "-c", code], budget=5, env=dict(os.environ))
+    assert result["error"] == "timed out after 5 s"
+    assert set(result["results"]) == {"full", "lora"}
+    table = gpu_check.summary_table({"layer_sampling_3b": result})
+    assert "| layer_sampling_3b | error | timed out after 5 s |" in table
+    assert "| layer_sampling_3b | lora: peak GB / step s | 1.00 / 0.500 |" in table

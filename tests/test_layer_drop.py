@@ -121,7 +121,7 @@ def test_vit_output_equals_hand_computation():
     for block, kept, p in zip(plain_blocks, keep, pld.probs, strict=True):
         if kept:
             x = x + (block(x) - x) / p
-    torch.testing.assert_close(out, model.norm(x), rtol=0, atol=0)
+    torch.testing.assert_close(out, model.norm(x), rtol=1e-6, atol=1e-6)  # the callback fuses it into one lerp
     assert len(set(pld.probs)) == 4  # the check above would catch a p taken from the wrong block
 
 

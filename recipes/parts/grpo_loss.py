@@ -8,7 +8,6 @@ Shapes: ``N`` completions, ``T`` completion tokens (right-padded); ``mask`` is 1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 SCALES = ("group", "batch", "none")
 AGGREGATIONS = ("sequence_mean", "token_mean", "max_length")
@@ -45,9 +44,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     """log pi(target_t | prefix) for every position: ``logits`` [N, T, V] already aligned with ``targets`` [N, T].
 
     Logits are divided by the sampling temperature, so the ratio compares the distribution that was sampled from.
+    The log-softmax reduces over the contiguous last dimension: ``cross_entropy`` on the transposed [N, V, T] view
+    sums 152k exponentials along a strided axis and lands ~2e-5 from a float64 reference, ten times further.
     """
-    logits = logits.float() / temperature
-    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
