@@ -15,15 +15,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from callbacks.core.policy_tokens import PolicyTokens
-from callbacks.finite_loss import NonFiniteLossError
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
 from recipes.parts import answer_span
-from recipes.parts.chunked_head import chunked_token_logprobs, last_hidden_state, split_lm
+from recipes.parts.completion_logprobs import completion_logits, completion_logprobs
 from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier, load_sft_state, read_sft_checkpoint
 from recipes.parts.grpo_loss import (
     AGGREGATIONS,
@@ -33,12 +31,11 @@ from recipes.parts.grpo_loss import (
     completion_mask,
     group_advantages,
     k3_kl,
-    token_entropy,
-    token_logprobs,
 )
 from recipes.parts.hf_model import build_causal_lm, check_sequence_lengths, module_tokenizer
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
 from recipes.parts.rollout import Rollout
+from recipes.parts.sft_warmup import sft_warmup
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -215,36 +212,8 @@ class GRPOModule(L.LightningModule):
         check_sequence_lengths(self.model, lengths)
 
     def _sft_warmup(self) -> None:
-        """Supervised warm-up on the data module's ``sft`` split: response-token cross-entropy, AdamW, fixed LR."""
-        loader = self.trainer.datamodule.sft_dataloader()
-        if len(loader) == 0:
-            raise ValueError(f"the SFT warm-up data gives no batch ({len(loader.dataset)} samples, batch size "
-                             f"{loader.batch_size}, incomplete batches dropped); lower data.sft_batch_size or set "
-                             "model.sft_steps: 0")
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.sft_lr, betas=(0.9, 0.98))
-        self.model.train()
-        step, losses = 0, []
-        while step < self.hparams.sft_steps:
-            for batch in loader:
-                batch = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  labels=batch["labels"], use_cache=False).loss
-                if not torch.isfinite(loss):
-                    last = f"{losses[-1]:.6g}" if losses else "none yet"
-                    raise NonFiniteLossError(
-                        f"SFT warm-up loss is {loss.item()} at warm-up step {step + 1}/{self.hparams.sft_steps} "
-                        f"(last finite loss {last}); no checkpoint was written. Lower model.sft_lr or check the "
-                        "sft data")
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                step += 1
-                if step % 50 == 0 or step == self.hparams.sft_steps:
-                    rank_zero_info(f"SFT warm-up step {step}/{self.hparams.sft_steps}: loss {losses[-1]:.3f}")
-                if step >= self.hparams.sft_steps:
-                    break
+        hp = self.hparams
+        sft_warmup(self.model, self.trainer.datamodule.sft_dataloader(), hp.sft_steps, hp.sft_lr, self.device)
 
     # ------------------------------------------------------------------------------------------ rollouts
     @torch.no_grad()
@@ -273,35 +242,16 @@ class GRPOModule(L.LightningModule):
     def policy_logits(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                       completion: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
         """Logits predicting each completion token [N, T, V] (only completion positions are projected)."""
-        ids = torch.cat([prompt_ids, completion], 1)
-        mask = torch.cat([prompt_mask, cmask], 1)
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        t = completion.shape[1]
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                       logits_to_keep=t + 1).logits
-        return logits[:, :-1]
+        return completion_logits(model, prompt_ids, prompt_mask, completion, cmask)
 
     def completion_logprobs(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                             completion: torch.Tensor, cmask: torch.Tensor, entropy: bool = False
                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log pi(completion token | prefix) [N, T] at the sampling temperature, and (detached) entropies.
-
-        With ``logprob_chunk_size`` the decoder runs once and the head projects that many positions at a time.
-        """
+        """log pi(completion token | prefix) [N, T] at the sampling temperature, and (detached) entropies;
+        ``logprob_chunk_size`` positions through the head at a time."""
         hp = self.hparams
-        if hp.logprob_chunk_size is None:
-            logits = self.policy_logits(model, prompt_ids, prompt_mask, completion, cmask)
-            ent = None
-            if entropy:
-                with torch.no_grad():
-                    ent = token_entropy(logits, hp.temperature)
-            return token_logprobs(logits, completion, hp.temperature), ent
-        mask = torch.cat([prompt_mask, cmask], 1)
-        hidden = last_hidden_state(model, input_ids=torch.cat([prompt_ids, completion], 1), attention_mask=mask,
-                                   position_ids=(mask.cumsum(1) - 1).clamp(min=0))
-        t = completion.shape[1]
-        return chunked_token_logprobs(hidden[:, -t - 1:-1], split_lm(model)[1], completion, hp.temperature,
-                                      hp.logprob_chunk_size, entropy)
+        return completion_logprobs(model, prompt_ids, prompt_mask, completion, cmask, hp.temperature,
+                                   hp.logprob_chunk_size, entropy)
 
     @torch.no_grad()
     def batched_logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
