@@ -20,7 +20,7 @@ demo: $(STAMP)
 	WANDB_MODE=offline $(PY) -m recipes demo
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -q
+	WANDB_MODE=disabled $(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -242,7 +242,10 @@ def documented_runs(tmp_path_factory, request) -> dict[str, tuple[Path, list[Com
     return results
 
 
+# Under `make test` (pytest-xdist, --dist loadgroup) the tests that share the module's runs stay on one worker,
+# so the runs happen once.
 @pytest.mark.slow
+@pytest.mark.xdist_group("documented_runs")
 @pytest.mark.parametrize("page", [p.name for p in PAGES])
 def test_documented_commands_run(page, documented_runs):
     _, commands, failures = documented_runs[page]
@@ -276,6 +279,7 @@ def logged_names(folders: list[Path]) -> tuple[set[str], set[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("documented_runs")
 def test_documented_metric_names_are_logged(documented_runs):
     logged, in_code = logged_names([folder for folder, _, _ in documented_runs.values()])
     missing = []
