@@ -56,8 +56,7 @@ QWEN_SMOKE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2
 def script_checks(smoke: bool) -> dict[str, tuple[list[str], float]]:
     """name: (command, budget in seconds) of the checks that run an existing benchmark script."""
     py = sys.executable
-    device = ["--device", "cpu", "--precision", "bf16-true"] if smoke else ["--device", "cuda", "--precision",
-                                                                            "bf16-true", "--same-process"]
+    device = ["--device", "cpu" if smoke else "cuda", "--precision", "bf16-true", "--same-process"]
     # On the GPU: 10 steps, a new draw every 5 (the step-time median is a step between draws, as with the usual
     # interval of 50; GaLore's SVDs run at each draw); the toy run draws every step to exercise the switches.
     sampling = ["--seq", "32" if smoke else "1024", "--batch", "1", "--steps", "4" if smoke else "10", "--interval",
