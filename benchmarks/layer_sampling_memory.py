@@ -6,6 +6,8 @@ Model: a random-init Llama with 32 blocks (as Llama-2-7B), hidden 512, MLP 1024,
 the smallest shape on a 2-core CPU where, as in a 7B model, the blocks hold ~95% of the weights and the fp32
 AdamW state of full fine-tuning (8 bytes/parameter) dominates the activations. Each method runs in its own
 process (so peak RSS is its own); memory is the peak RSS above the RSS after imports (CPU), or the CUDA peak.
+With ``--same-process`` (what ``gpu_check.py`` uses) the methods run one after another in one process: on a GPU
+each still gets its own CUDA peak; on the CPU the figure is only what a method adds to the earlier peak.
 Methods: full fine-tuning (AdamW), LoRA r=8 on all linear layers (peft), LISA with 2 blocks (with and
 without the embedding), OwLore with 2 blocks and GaLore rank hidden/16 (the 7B scripts' 256/4096), BAdam with
 one block at a time and nothing else trainable (its optimizer state must be 8 bytes per parameter of the active
