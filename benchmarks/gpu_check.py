@@ -291,11 +291,11 @@ def summary_table(results: dict[str, dict]) -> str:
                 add(name, f"{method}: peak GB / step s",
                     f"{m['peak_memory_bytes'] / 1e9:.2f} / {m['step_time_s']:.3f}")
             lisa, lora, full = (methods.get(k) for k in ("lisa_frozen_embedding", "lora", "full"))
-            if lisa and lora:
+            if lisa and lora and lora["peak_memory_bytes"] > 0:
                 add(name, "LISA (embedding frozen) peak / LoRA peak",
                     lisa["peak_memory_bytes"] / lora["peak_memory_bytes"], "<= 1.0 at 3B")
             for method in ("lisa", "lisa_frozen_embedding"):
-                if full and method in methods:
+                if full and method in methods and full["step_time_s"] > 0:
                     add(name, f"{method} step time / full FT", methods[method]["step_time_s"] / full["step_time_s"],
                         "<= 0.7")
         if "error" in r:
@@ -351,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                      for name, (_, *budgets) in OWN_CHECKS.items()})
     order = [name for name in ORDER if name in commands] + [name for name in commands if name not in ORDER]
     wanted = set(args.only.split(",")) if args.only else set(order)
+    if unknown := sorted(wanted - set(order)):
+        parser.error(f"--only: no check named {', '.join(unknown)}; the checks are {', '.join(order)}")
     deadline = time.perf_counter() + (args.deadline or float("inf"))
     results: dict[str, dict] = {}
     for name in (n for n in order if n in wanted):

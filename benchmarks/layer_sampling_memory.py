@@ -41,6 +41,11 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def ratio(a: float, b: float, digits: int = 3) -> float | None:
+    """a / b rounded, or None when b is 0 (a toy smoke run on the CPU can add nothing to its process's peak)."""
+    return round(a / b, digits) if b else None
+
+
 def worker(method: str, args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
@@ -194,22 +199,18 @@ def main() -> None:
                                "peak RSS of each method's own process"),
                "results": results}
     if full:
-        summary["ratios_to_full"] = {m: {"peak_memory": round(r["peak_memory_bytes"] / full["peak_memory_bytes"], 3),
-                                         "optimizer_state": round(r["optimizer_state_bytes"]
-                                                                  / full["optimizer_state_bytes"], 3),
-                                         "step_time": round(r["step_time_s"] / full["step_time_s"], 3)}
+        summary["ratios_to_full"] = {m: {"peak_memory": ratio(r["peak_memory_bytes"], full["peak_memory_bytes"]),
+                                         "optimizer_state": ratio(r["optimizer_state_bytes"],
+                                                                  full["optimizer_state_bytes"]),
+                                         "step_time": ratio(r["step_time_s"], full["step_time_s"])}
                                      for m, r in results.items()}
-    if "lisa" in results:
-        lisa = results["lisa"]
-        summary["lisa_state_vs_adamw_expected"] = round(lisa["optimizer_state_bytes_max"]
-                                                        / lisa["adamw_expected_bytes"], 4)
-    if "badam" in results:  # one block: 8 bytes per parameter, plus a 4-byte step per tensor
-        badam = results["badam"]
-        summary["badam_state_vs_adamw_expected"] = round(badam["optimizer_state_bytes_max"]
-                                                         / badam["adamw_expected_bytes"], 4)
+    for method in ("lisa", "badam"):  # BAdam: one block, 8 bytes per parameter plus a 4-byte step per tensor
+        if method in results:
+            summary[f"{method}_state_vs_adamw_expected"] = ratio(results[method]["optimizer_state_bytes_max"],
+                                                                 results[method]["adamw_expected_bytes"], 4)
     if {"lisa_frozen_embedding", "lora"} <= results.keys():
-        summary["lisa_frozen_embedding_peak_vs_lora"] = round(results["lisa_frozen_embedding"]["peak_memory_bytes"]
-                                                              / results["lora"]["peak_memory_bytes"], 3)
+        summary["lisa_frozen_embedding_peak_vs_lora"] = ratio(results["lisa_frozen_embedding"]["peak_memory_bytes"],
+                                                              results["lora"]["peak_memory_bytes"])
     print(json.dumps(summary))
 
 

@@ -62,3 +62,19 @@ def test_a_timed_out_layer_sampling_run_keeps_the_methods_it_finished():
     table = gpu_check.summary_table({"layer_sampling_3b": result})
     assert "| layer_sampling_3b | error | timed out after 5 s |" in table
     assert "| layer_sampling_3b | lora: peak GB / step s | 1.00 / 0.500 |" in table
+
+
+def test_only_names_an_unknown_check_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--cpu-smoke", "--only", "grpo,mae"])
+    err = capsys.readouterr().err
+    assert "--only: no check named mae; the checks are layer_sampling_smoke, layer_drop_speed" in err
+
+
+def test_summary_leaves_out_a_ratio_whose_denominator_is_zero():
+    """A toy CPU run can add nothing to its process's peak RSS: no LISA / LoRA memory ratio then, no crash."""
+    zero = {"peak_memory_bytes": 0, "step_time_s": 0.1}
+    methods = {"full": zero, "lora": zero, "lisa_frozen_embedding": {**zero, "step_time_s": 0.05}}
+    table = gpu_check.summary_table({"layer_sampling_smoke": {"check": "layer_sampling_smoke", "results": methods}})
+    assert "| layer_sampling_smoke | lisa_frozen_embedding step time / full FT | 0.5 | <= 0.7 |" in table
+    assert "LoRA peak" not in table
