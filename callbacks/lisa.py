@@ -37,7 +37,14 @@ from torch import nn
 from typing_extensions import override
 
 from callbacks.core.blocks import ModelParts, find_blocks
-from callbacks.core.layer_stats import METRICS, forward_batch, probe_blocks, token_mask
+from callbacks.core.layer_stats import (
+    METRICS,
+    first_training_batches,
+    forward_batch,
+    measuring,
+    probe_blocks,
+    token_mask,
+)
 
 SAMPLINGS = ("uniform", "importance")
 
@@ -192,18 +199,12 @@ class LISA(Callback):
     def _measure_importance(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
         """Mean of ``importance_metric`` per block over the first ``importance_batches`` training batches."""
         totals, seen = torch.zeros(len(self.parts), dtype=torch.float64), 0
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.random.fork_rng(devices=[]):  # iterating the loader must not shift the training data order
-            for i, batch in enumerate(trainer.train_dataloader):
-                if i == self.importance_batches:
-                    break
-                batch = trainer.strategy.batch_to_device(batch)
+        with measuring(pl_module):
+            for batch in first_training_batches(trainer, self.importance_batches):
                 stats, _ = probe_blocks(self.parts.blocks, lambda b=batch: forward_batch(pl_module, b),
                                         token_mask(batch))
                 totals += torch.tensor(stats[self.importance_metric], dtype=torch.float64)
                 seen += 1
-        pl_module.train(was_training)
         if seen == 0:
             raise ValueError("LISA(sampling='importance') needs at least one training batch to measure on")
         values = (totals / seen).tolist()

@@ -35,7 +35,7 @@ from torch import nn
 from typing_extensions import override
 
 from callbacks.core.galore import GaLoreAdamW
-from callbacks.core.layer_stats import forward_batch
+from callbacks.core.layer_stats import first_training_batches, forward_batch, measuring
 from callbacks.lisa import LISA
 
 
@@ -195,19 +195,9 @@ class OwLore(LISA):
         return scores
 
     def _calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
-        def batches():
-            for i, batch in enumerate(trainer.train_dataloader):
-                if i == self.calibration_batches:
-                    return
-                yield trainer.strategy.batch_to_device(batch)
-
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.random.fork_rng(devices=[]):  # iterating the loader must not shift the training data order
-            scores = outlier_scores(self.parts.blocks, batches(), partial(forward_batch, pl_module),
-                                    self.outlier_threshold)
-        pl_module.train(was_training)
-        return scores
+        with measuring(pl_module):
+            return outlier_scores(self.parts.blocks, first_training_batches(trainer, self.calibration_batches),
+                                  partial(forward_batch, pl_module), self.outlier_threshold)
 
     def probabilities(self) -> torch.Tensor:
         """p_l = D_l / sum_k D_k."""

@@ -11,8 +11,10 @@ Means run over the tokens that are not padding (``attention_mask``), or over all
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -38,6 +40,27 @@ def forward_batch(module: nn.Module, batch) -> object:
         raise ValueError(f"Cannot run a probe forward on a batch with keys {sorted(batch)}: expected 'input_ids', "
                          "'prompt_input_ids' or 'image'")
     return module(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+
+def first_training_batches(trainer: L.Trainer, n: int) -> Iterator:
+    """The first ``n`` training batches, on the model's device (for a measurement at fit start)."""
+    for i, batch in enumerate(trainer.train_dataloader):
+        if i == n:
+            return
+        yield trainer.strategy.batch_to_device(batch)
+
+
+@contextmanager
+def measuring(module: nn.Module) -> Iterator[None]:
+    """Eval mode and a forked CPU random state while measuring on training batches; both are put back after, so
+    iterating the training loader does not shift the data order."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        module.train(was_training)
 
 
 def _has_forward(module: nn.Module) -> bool:
