@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from recipes.checkpoints import CheckpointError, load_checkpoint
 
 # model / data hyper-parameters that define what is trained; all others may change on resume
 DEFINING = {
@@ -31,10 +31,6 @@ DEFINING = {
 _PRIVATE = ("_instantiator", "_class_path")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, unreadable, or of a different model or recipe."""
-
-
 @dataclass
 class ResumePlan:
     """What ``--ckpt_path`` resolved to: the file (or ``None`` to start fresh), the run version to continue in,
@@ -43,23 +39,6 @@ class ResumePlan:
     path: str | None
     version: str | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load ``path`` on the CPU (memory-mapped, tensors not read); an unreadable file is a :class:`CheckpointError`
-    naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # truncated zip, bad pickle, wrong format: all mean "cannot resume from this file"
-        size = path.stat().st_size
-        raise CheckpointError(f"Checkpoint {path} ({size} bytes) is truncated or corrupt and cannot be loaded: "
-                              f"{type(err).__name__}: {err}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"Checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
-    return ckpt
 
 
 def run_checkpoints(root: str | Path, name: str) -> list[Path]:
