@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules.diversity import write_crc_mix  # noqa: E402
 from recipes.cli import CONFIG_DIR, RecipesCLI  # noqa: E402
-from recipes.diversity import evaluate_crc, evaluate_prompts  # noqa: E402
-from recipes.restore import load_causal_lm, restore_blocks  # noqa: E402
+from recipes.commands.diversity import evaluate_crc, evaluate_prompts  # noqa: E402
+from recipes.commands.restore import load_causal_lm, restore_blocks  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("crc/validity", "crc/entropy", "crc/distinct", "crc/valid_distinct", "task/reward", "task/unique",

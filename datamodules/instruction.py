@@ -38,6 +38,9 @@ class InstructionDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
     """
 
+    # the settings that define what is trained: a resumed run must give the checkpoint's (python -m recipes)
+    defining_settings: frozenset[str] = frozenset({"tokenizer"})
+
     def __init__(
         self,
         train_file: str | None = None,

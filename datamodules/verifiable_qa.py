@@ -104,6 +104,9 @@ class VerifiableQADataModule(L.LightningDataModule):
         synthetic_*: sizes, tasks and digits of the built-in synthetic problems.
     """
 
+    # the settings that define what is trained: a resumed run must give the checkpoint's (python -m recipes)
+    defining_settings: frozenset[str] = frozenset({"tokenizer"})
+
     def __init__(
         self,
         train_file: str | None = None,

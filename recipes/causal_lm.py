@@ -12,6 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.tokenizer import load_tokenizer
+from recipes.checkpoints import record_module_class
 from recipes.parts.chunked_head import chunked_cross_entropy, last_hidden_state, split_lm
 from recipes.parts.hf_model import (
     build_causal_lm,
@@ -82,6 +83,9 @@ class CausalLMModule(L.LightningModule):
             ``recipes.parts.chunked_head``); ``None`` computes the plain Hugging Face loss.
     """
 
+    # the settings that define the trained model: a resumed run must give the checkpoint's (recipes.resume)
+    defining_settings: frozenset[str] = frozenset({"model_path", "model_config", "tokenizer_name", "lora"})
+
     def __init__(
         self,
         model_path: str | None = None,
@@ -136,6 +140,9 @@ class CausalLMModule(L.LightningModule):
         if prompts and self.hparams.exact_match_batches > 0:
             lengths["longest evaluation prompt + model.max_new_tokens"] = max(prompts) + self.hparams.max_new_tokens
         check_sequence_lengths(self.model, lengths)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        record_module_class(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.model is None and self.tokenizer is None:

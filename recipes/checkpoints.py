@@ -1,12 +1,22 @@
 """The one reader of the collection's Lightning checkpoints (resume rule, ``export``, ``restore``, evaluation, GRPO's
-``sft_checkpoint``): a file that cannot be read or identified is an error naming it."""
+``sft_checkpoint``): a file that cannot be read or identified is an error naming it.
+
+A checkpoint names the LightningModule class it was saved from: each of our modules writes its class path under
+:data:`MODULE_CLASS_KEY` (:func:`record_module_class`, from its ``on_save_checkpoint``); checkpoints written before
+that are identified by the ``_class_path`` hyper-parameter that ``python -m recipes`` (LightningCLI) saves.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+
+MODULE_CLASS_KEY = "module_class_path"
 
 
 class CheckpointError(RuntimeError):
@@ -28,3 +38,48 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"Checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
     return ckpt
+
+
+def record_module_class(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    """Write ``module``'s class path into ``checkpoint`` (call it from the module's ``on_save_checkpoint``), so
+    the checkpoint says what it is."""
+    checkpoint[MODULE_CLASS_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def import_class(class_path: str) -> type:
+    """The class named by a dotted ``class_path`` (``recipes.causal_lm.CausalLMModule``, ``recipes.GRPOModule``)."""
+    module_name, _, name = class_path.rpartition(".")
+    if not module_name:
+        raise ImportError(f"{class_path!r} is not a dotted class path")
+    cls = getattr(importlib.import_module(module_name), name, None)
+    if not isinstance(cls, type):
+        raise ImportError(f"{module_name} has no class {name!r}")
+    return cls
+
+
+def module_class(ckpt: dict[str, Any], path: str | Path) -> type[L.LightningModule]:
+    """The LightningModule class the checkpoint ``ckpt`` (loaded from ``path``) records; a checkpoint that records
+    none, or a class that no longer imports, is a :class:`CheckpointError` naming the file."""
+    recorded = ckpt.get(MODULE_CLASS_KEY) or (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    if not recorded:
+        raise CheckpointError(f"Checkpoint {path} does not record its LightningModule class (neither "
+                              f"'{MODULE_CLASS_KEY}' nor the '_class_path' hyper-parameter); it was not written by "
+                              "this collection's modules or python -m recipes")
+    try:
+        cls = import_class(recorded)
+    except ImportError as err:
+        raise CheckpointError(f"Checkpoint {path} is of {recorded}, which cannot be imported: {err}") from err
+    if not issubclass(cls, L.LightningModule):
+        raise CheckpointError(f"Checkpoint {path} records {recorded}, which is not a LightningModule")
+    return cls
+
+
+def load_module(path: str | Path, classes: Collection[type[L.LightningModule]] | None = None) -> L.LightningModule:
+    """``<Module>.load_from_checkpoint(path)`` on the CPU, in eval mode, for the class the checkpoint records;
+    with ``classes``, a checkpoint of another class is a :class:`CheckpointError` naming the file (before its
+    weights are read)."""
+    cls = module_class(load_checkpoint(path), path)
+    if classes is not None and cls not in classes:
+        known = sorted(f"{c.__module__}.{c.__qualname__}" for c in classes)
+        raise CheckpointError(f"Checkpoint {path} is of {cls.__module__}.{cls.__qualname__}; expected one of {known}")
+    return cls.load_from_checkpoint(path, map_location="cpu").eval()

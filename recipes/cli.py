@@ -1,4 +1,5 @@
-"""``python -m recipes fit|validate|test|list|demo``: the LightningCLI entry point of the collection."""
+"""The LightningCLI of the collection (``python -m recipes fit|validate|test``), the recipe lookup by name and
+``list``. The command table is ``recipes/__main__.py``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import lightning as L
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -81,9 +83,18 @@ class RecipesCLI(LightningCLI):
         parser.add_argument("--last_ckpt_every_steps", type=int | None, default=1000,
                             help="save last.ckpt at least every this many optimizer steps (0/null: no step trigger)")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args``, or the process's command line when ``None``. Given ``args`` are the whole command line
+        (``python -m recipes`` passes them resolved, and the demo its own): unlike Lightning's version, this one does
+        not look at ``sys.argv`` to warn that both were given."""
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+
+    # Overrides a private LightningCLI method (Lightning 2.6: ``_parse_ckpt_path(self) -> None``, called by
+    # ``__init__`` right after parsing): Lightning's version opens the checkpoint itself and lets its
+    # hyper-parameters silently override the config; ours applies the resume rule of recipes.resume, which reads the
+    # checkpoint through recipes.checkpoints. tests/test_cli.py fails if Lightning renames it or stops calling it.
     def _parse_ckpt_path(self) -> None:
-        """Resolves ``--ckpt_path last|auto`` and applies the resume rule of :mod:`recipes.resume`. Replaces
-        LightningCLI's version, which let the checkpoint's hyper-parameters silently override the config."""
+        """Resolves ``--ckpt_path last|auto`` and applies the resume rule of :mod:`recipes.resume`."""
         self.resume_plan = resume.ResumePlan(None)
         sub = self.config.get("subcommand")
         if sub and "ckpt_path" in self.config[sub]:
@@ -107,42 +118,77 @@ class RecipesCLI(LightningCLI):
             raise cause from None
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The Trainer, after the run's own steps: check the log directory, mark an untrained evaluation, give the
+        collection's loggers, drop default callbacks that cannot work, add atomic checkpoint writes and (fit) the
+        periodic ``last.ckpt``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config["trainer"].get("default_root_dir") or "runs"
         check_log_dir(root, config["min_free_mb"])
-        name = self._run_name(config)
+        name = self._run_name(config) + self._note_untrained(config)
+        if config["trainer"].get("logger") in (None, True):  # the config names no loggers of its own
+            kwargs["logger"] = self._default_loggers(config, root, name)
+        self._drop_unusable_default_callbacks(config)
+        plugins = self._plugins_with_atomic_checkpoint()
+        if plugins is not None:
+            kwargs["plugins"] = plugins
+        if self.subcommand in ("fit", None):  # None: run=False, as the demo fits
+            self._add_periodic_checkpoint(config)
+        return super().instantiate_trainer(**kwargs)
+
+    def _note_untrained(self, config) -> str:
+        """Warn about ``validate``/``test`` of a model with no trained weights; the run name's suffix for it."""
         self.untrained = resume.untrained_note(config) if self.subcommand in ("validate", "test") else None
-        if self.untrained:
-            rank_zero_warn(self.untrained)
-            name += "-untrained"
-        if config["trainer"].get("logger") in (None, True):
-            ckpt = config.get("ckpt_path")
-            if self.subcommand in ("validate", "test") and ckpt and Path(ckpt).is_file():  # beside the training run
-                kwargs["logger"] = eval_loggers(ckpt, self.subcommand, config["wandb"], config["wandb_project"])
-                # the restored ModelCheckpoint state names the training run's folder; evaluation saves nothing
-                warnings.filterwarnings("ignore", "The dirpath has changed from", UserWarning)
-            else:
-                kwargs["logger"] = default_loggers(root, name, config["wandb"], config["wandb_project"],
-                                                   version=self.resume_plan.version)
-            if self.resume_plan.version is None:
-                self.own_run_dir = kwargs["logger"][0].log_dir  # claimed for this run
+        if not self.untrained:
+            return ""
+        rank_zero_warn(self.untrained)
+        return "-untrained"
+
+    def _default_loggers(self, config, root: str, name: str) -> list:
+        """CSV (+ W&B) loggers: beside the training run when evaluating a checkpoint file, else in
+        ``<root>/<name>/version_N`` (the resumed version, or a new one this run claims)."""
+        ckpt = config.get("ckpt_path")
+        if self.subcommand in ("validate", "test") and ckpt and Path(ckpt).is_file():  # beside the training run
+            loggers = eval_loggers(ckpt, self.subcommand, config["wandb"], config["wandb_project"])
+            # the restored ModelCheckpoint state names the training run's folder; evaluation saves nothing
+            warnings.filterwarnings("ignore", "The dirpath has changed from", UserWarning)
+        else:
+            loggers = default_loggers(root, name, config["wandb"], config["wandb_project"],
+                                      version=self.resume_plan.version)
+        if self.resume_plan.version is None:
+            self.own_run_dir = loggers[0].log_dir  # claimed for this run: removed again if it fails to start
+        return loggers
+
+    def _drop_unusable_default_callbacks(self, config) -> None:
+        """No ``LearningRateMonitor`` without a logger; no :class:`StepProgressBar` when the config gives its own
+        progress bar or turns the bar off."""
         given = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
         unused = (LearningRateMonitor,) if config["trainer"].get("logger") is False else ()  # nothing to log to
         unused += (StepProgressBar,) if own_bar or config["trainer"].get("enable_progress_bar") is False else ()
         defaults = self.trainer_defaults
         defaults["callbacks"] = [c for c in defaults["callbacks"] if not isinstance(c, unused)]
-        plugins = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"].get("plugins")
-        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        if self.subcommand in ("fit", None):  # None: run=False, as the demo fits
-            periodic = PeriodicLastCheckpoint(config["last_ckpt_every_minutes"], config["last_ckpt_every_steps"])
-            self.trainer_defaults = {**self.trainer_defaults,
-                                     "callbacks": [*self.trainer_defaults.get("callbacks", []), periodic]}
-        return super().instantiate_trainer(**kwargs)
 
+    def _plugins_with_atomic_checkpoint(self) -> list | None:
+        """The configured plugins plus :class:`AtomicCheckpointIO`, or ``None`` when they hold a ``CheckpointIO``."""
+        plugins = self._get(self.config_init, "trainer").get("plugins")
+        plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+        if any(isinstance(p, CheckpointIO) for p in plugins):
+            return None
+        return [*plugins, AtomicCheckpointIO()]
+
+    def _add_periodic_checkpoint(self, config) -> None:
+        """Add :class:`PeriodicLastCheckpoint` (``last.ckpt`` every so many minutes and steps) to the callbacks."""
+        periodic = PeriodicLastCheckpoint(config["last_ckpt_every_minutes"], config["last_ckpt_every_steps"])
+        self.trainer_defaults = {**self.trainer_defaults,
+                                 "callbacks": [*self.trainer_defaults.get("callbacks", []), periodic]}
+
+    # Overrides a private LightningCLI method (Lightning 2.6: ``_run_subcommand(self, subcommand: str) -> None``,
+    # called by ``__init__`` to run fit/validate/test): the only place around the run itself where a run that fails
+    # to start can remove the log folder it claimed. tests/test_cli.py fails if Lightning renames it or stops
+    # calling it.
     def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``subcommand``; when it fails before a training step (any failure of validate/test), remove the
+        run folder this run claimed."""
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
@@ -201,8 +247,9 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
-def print_recipes() -> None:
-    """``list``: each recipe with its summary, and where the YAMLs are (to run by name or copy)."""
+def print_recipes(argv: list[str] | None = None) -> None:
+    """``list``: each recipe with its summary, and where the YAMLs are (to run by name or copy); ``argv`` (the
+    words after ``list``) is not used."""
     summaries = recipe_summaries()
     width = max(map(len, summaries), default=0)
     for name, line in summaries.items():
@@ -222,31 +269,16 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point (``python -m recipes`` and the ``layerwise`` command); ``argv`` defaults to the command line."""
-    quiet_third_party_warnings()
-    if argv is None:  # from the command line: resolved in place (LightningCLI then reads sys.argv, as DDP workers do)
-        sys.argv[1:] = argv = resolve_config_args(sys.argv[1:])
-        args = None
-    else:
-        argv = args = resolve_config_args(argv)
-    if argv[:1] == ["list"]:
-        print_recipes()
-        return
-    if argv[:1] == ["demo"]:
-        from recipes.demo import run_demo
-
-        run_demo(argv[1:])
-        return
-    if argv[:1] in (["restore"], ["diversity"], ["export"]):  # layer restoration, diversity evaluation, export
-        import importlib
-        importlib.import_module(f"recipes.{argv[0]}").main(argv[1:])
-        return
+def run_lightning(subcommand: str | None, argv: list[str]) -> None:
+    """``fit``/``validate``/``test`` (``subcommand``) with the arguments after it, through :class:`RecipesCLI`;
+    with no subcommand, ``argv`` is all LightningCLI gets (``--help``, or an unknown command it reports). A
+    preempted run prints the command that resumes it."""
+    args = [subcommand, *argv] if subcommand else list(argv)
     try:
         cli = RecipesCLI(args=args)
     except Preempted as err:
         if rank_zero_only.rank == 0:
-            print(f"Resume with:\n  {resume.resume_command(argv, err.path)}\n"
+            print(f"Resume with:\n  {resume.resume_command(args, err.path)}\n"
                   "(or --ckpt_path auto, which picks the newest checkpoint of this run)", file=sys.stderr, flush=True)
         raise
     except SIGTERMException:  # Lightning's own SIGTERM stop (outside training) exits 0; a killed run must not

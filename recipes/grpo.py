@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
+from recipes.checkpoints import record_module_class
 from recipes.parts import answer_span
 from recipes.parts.completion_logprobs import completion_logits, completion_logprobs
 from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier, load_sft_state, read_sft_checkpoint
@@ -75,6 +76,9 @@ class GRPOModule(L.LightningModule):
             ``None`` uses the update mini-batch size (completions / ``num_mini_batches``).
         zero_reward_patience: warn when every reward of this many consecutive rollout batches is 0.
     """
+
+    # the settings that define the trained model: a resumed run must give the checkpoint's (recipes.resume)
+    defining_settings: frozenset[str] = frozenset({"model_path", "model_config", "tokenizer_name", "sft_checkpoint"})
 
     def __init__(
         self,
@@ -174,6 +178,7 @@ class GRPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["grpo_sft_done"] = self._sft_done
+        record_module_class(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._sft_done = checkpoint.get("grpo_sft_done", False)

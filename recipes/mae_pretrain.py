@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from typing_extensions import override
 
+from recipes.checkpoints import record_module_class
 from recipes.parts.mae_masking import (
     check_mask_ratio,
     masked_mse,
@@ -51,6 +52,10 @@ class MAEPretrainModule(L.LightningModule):
         warmup_steps: linear warm-up in optimizer steps, then cosine to ``min_lr_ratio`` (paper: 40 of 800 epochs).
         export_encoder: write ``encoder.pth`` (+ ``encoder.json``) into the run directory when fit ends.
     """
+
+    # the settings that define the trained model: a resumed run must give the checkpoint's (recipes.resume)
+    defining_settings: frozenset[str] = frozenset({"model_name", "img_size", "in_chans", "model_kwargs",
+                                                   "decoder_dim", "decoder_depth", "decoder_heads"})
 
     def __init__(
         self,
@@ -191,6 +196,10 @@ class MAEPretrainModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer,
                 "lr_scheduler": warmup_cosine_scheduler(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        record_module_class(self, checkpoint)
 
     # ----------------------------------------------------------------------------------------------- export
     def encoder_create_kwargs(self) -> dict:

@@ -4,11 +4,12 @@ Search: checkpoints (``*.ckpt``) anywhere under ``<default_root_dir>/<run name>/
 the first one that loads is used and the run continues in its version folder. Files that do not load are named
 and skipped.
 
-Resume rule: settings that define the model or the recipe (:data:`DEFINING`: the module and data classes, the
-architecture and sizes, the tokenizer) must equal the checkpoint's, or the run stops naming each differing key
-with both values. Every other setting (memory and speed switches such as ``gradient_checkpointing``, the schedule,
-``max_steps``, logging) takes the value given now; the ones that differ from the checkpoint are listed in one
-message.
+Resume rule: settings that define the model or the recipe must equal the checkpoint's, or the run stops naming
+each differing key with both values. They are the module and data classes and the settings each class declares in
+its ``defining_settings`` attribute (the architecture and sizes, the tokenizer); a class that declares none is
+defined by its class alone. Every other setting (memory and speed switches such as ``gradient_checkpointing``, the
+schedule, ``max_steps``, logging) takes the value given now; the ones that differ from the checkpoint are listed in
+one message.
 """
 
 from __future__ import annotations
@@ -19,15 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipes.checkpoints import CheckpointError, load_checkpoint
+from recipes.checkpoints import CheckpointError, import_class, load_checkpoint
 
-# model / data hyper-parameters that define what is trained; all others may change on resume
-DEFINING = {
-    "model": frozenset({"class_path", "model_path", "model_config", "tokenizer_name", "lora", "sft_checkpoint",
-                        "model_name", "img_size", "in_chans", "model_kwargs", "decoder_dim", "decoder_depth",
-                        "decoder_heads", "global_pool", "label_names", "init_from"}),
-    "data": frozenset({"class_path", "tokenizer"}),
-}
 _PRIVATE = ("_instantiator", "_class_path")
 
 
@@ -108,16 +102,33 @@ def _settings(hparams: dict[str, Any], init_args: dict[str, Any] | None = None) 
     return out
 
 
+def defining_settings(*class_paths: Any) -> frozenset[str]:
+    """``class_path`` and the ``defining_settings`` the classes named by ``class_paths`` declare (a checkpoint's
+    class that no longer imports, or a class that declares none, adds nothing)."""
+    out = {"class_path"}
+    for path in class_paths:
+        if not isinstance(path, str):
+            continue
+        try:
+            cls = import_class(path)
+        except ImportError:
+            continue
+        out |= getattr(cls, "defining_settings", frozenset())
+    return frozenset(out)
+
+
 def compare(saved: dict[str, Any], given: dict[str, Any], part: str) -> tuple[list[str], list[str]]:
     """``(defining differences, changeable differences)`` between the checkpoint's settings of ``part`` (``model``
     or ``data``) and the given ones, each as ``part.key: checkpoint X, now Y``. Keys missing on either side (an
-    argument the class no longer has, or one not saved as a hyper-parameter) are not compared."""
+    argument the class no longer has, or one not saved as a hyper-parameter) are not compared. The defining keys
+    are those of both sides' classes (:func:`defining_settings`)."""
+    defining_keys = defining_settings(saved.get("class_path"), given.get("class_path"))
     defining, changeable = [], []
     for key in sorted(saved.keys() & given.keys()):
         a, b = _flatten(saved[key], f"{key}."), _flatten(given[key], f"{key}.")
         diffs = [f"{part}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
                  if a.get(k) != b.get(k)]
-        (defining if key in DEFINING[part] else changeable).extend(diffs)
+        (defining if key in defining_keys else changeable).extend(diffs)
     return defining, changeable
 
 

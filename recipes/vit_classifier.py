@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from recipes.checkpoints import record_module_class
 from recipes.parts.auroc import MaskedMultilabelAUROC, log_auroc_table, write_auroc_table
 from recipes.parts.optim import effective_batch_size, layer_decay_groups, scaled_lr, warmup_cosine_scheduler
 from recipes.parts.vit_checkpoint import load_encoder_weights
@@ -34,6 +35,10 @@ class ViTClassifierModule(L.LightningModule):
         warmup_steps / min_lr_ratio: linear warm-up in optimizer steps, then cosine to ``min_lr_ratio`` of the peak.
         auroc_table: at test end, write ``test_auroc.csv`` and ``test_auroc.png`` into the run directory.
     """
+
+    # the settings that define the trained model: a resumed run must give the checkpoint's (recipes.resume)
+    defining_settings: frozenset[str] = frozenset({"model_name", "img_size", "in_chans", "model_kwargs",
+                                                   "global_pool", "label_names", "init_from"})
 
     def __init__(
         self,
@@ -105,6 +110,7 @@ class ViTClassifierModule(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["label_names"] = self.label_names
+        record_module_class(self, checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:

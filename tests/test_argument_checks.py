@@ -13,8 +13,9 @@ from callbacks.lisa import LISA
 from callbacks.owlore import OwLore
 from datamodules.instruction import InstructionDataModule
 from datamodules.verifiable_qa import VerifiableQADataModule
+from recipes.__main__ import main
 from recipes.causal_lm import CausalLMModule
-from recipes.cli import CONFIG_DIR, main
+from recipes.cli import CONFIG_DIR
 from recipes.grpo import GRPOModule
 from recipes.mae_pretrain import MAEPretrainModule
 from recipes.parts.mae_masking import random_masking

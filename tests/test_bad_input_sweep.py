@@ -18,8 +18,9 @@ from datamodules.instruction import InstructionDataModule
 from datamodules.jsonl_records import DataError
 from datamodules.tokenizer import build_char_tokenizer
 from datamodules.verifiable_qa import VerifiableQADataModule, read_verifiable_file
+from recipes.__main__ import main
 from recipes.causal_lm import CausalLMModule
-from recipes.cli import CONFIG_DIR, main
+from recipes.cli import CONFIG_DIR
 from recipes.grpo import GRPOModule
 from recipes.mae_pretrain import MAEPretrainModule
 from tests.conftest import tiny_loader

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.cli import CONFIG_DIR, RecipesCLI, main, recipe_summaries
+from recipes.__main__ import main
+from recipes.cli import CONFIG_DIR, RecipesCLI, recipe_summaries
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 SMOKE_ARGS = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.cli import main, resolve_config
+from recipes.__main__ import main
+from recipes.cli import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -160,7 +161,7 @@ def classify(command: Command, cwd: Path) -> Command:
         words = ["python", "-m", "recipes", "demo", *words[2:]]
     if words[0] == "srun":  # SLURM's launcher starts the command as it is
         words = words[1:]
-    if words[0] == "layerwise":  # the console command is recipes.cli:main, the same as python -m recipes
+    if words[0] == "layerwise":  # the console command is recipes.__main__:main, the same as python -m recipes
         words = ["python", "-m", "recipes", *words[1:]]
     if words[0] not in PYTHONS:
         raise LookupError(f"no rule for {words[0]!r}")

@@ -10,7 +10,8 @@ from callbacks.empty_fit import EmptyFitError, EmptyFitGuard
 from callbacks.finite_loss import NonFiniteLossError
 from datamodules.jsonl_records import DataError
 from datamodules.verifiable_qa import VerifiableQADataModule
-from recipes.cli import CONFIG_DIR, main
+from recipes.__main__ import main
+from recipes.cli import CONFIG_DIR
 from recipes.grpo import GRPOModule
 from tests.test_grpo_module import TINY
 

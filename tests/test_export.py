@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recipes import CausalLMModule, GRPOModule, MAEPretrainModule, ViTClassifierModule
-from recipes.cli import main
+from recipes.__main__ import main
 from tests.workflow_helpers import last_checkpoint, run_recipe
 
 IDS = torch.tensor([[1, 10, 20, 30, 40, 50], [1, 11, 21, 31, 41, 51]])

@@ -141,7 +141,7 @@ class SigtermDuringValidation(L.Callback):
 
 
 def test_sigterm_during_validate_exits_143_not_0(tmp_path, monkeypatch):
-    from recipes.cli import main
+    from recipes.__main__ import main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as info, pytest.warns(UserWarning, match="UNTRAINED MODEL"):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from recipes.cli import main
+from recipes.__main__ import main
 from tests.test_configs import CONFIGS, EXTRA_SMOKE_ARGS, TINY_VAL_AUROC
 
 STEPS, CRASH = 6, 3

@@ -10,9 +10,9 @@ import transformers
 
 from datamodules.diversity import crc_prompts, crc_scores, write_crc_mix
 from datamodules.tokenizer import build_char_tokenizer
-from recipes.cli import main
-from recipes.diversity import evaluate_crc, sample_completions
-from recipes.restore import load_causal_lm, parse_block_range, restore_blocks
+from recipes.__main__ import main
+from recipes.commands.diversity import evaluate_crc, sample_completions
+from recipes.commands.restore import load_causal_lm, parse_block_range, restore_blocks
 from tests.conftest import TINY_LM_CONFIG
 
 LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from recipes import resume
-from recipes.cli import CONFIG_DIR, main
+from recipes.__main__ import main
+from recipes.cli import CONFIG_DIR
 from recipes.parts.loggers import ContinuingCSVLogger, default_loggers
 from recipes.resume import CheckpointError, check_resume, resolve, resume_command
 

@@ -12,8 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from datamodules.instruction import InstructionDataModule
+from recipes.__main__ import main
 from recipes.causal_lm import CausalLMModule
-from recipes.cli import CONFIG_DIR, main
+from recipes.cli import CONFIG_DIR
 from recipes.parts.loggers import check_log_dir
 from tests.conftest import TINY_LM_CONFIG as TINY
 from tests.test_configs import SMOKE_ARGS

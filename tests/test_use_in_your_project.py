@@ -13,7 +13,8 @@ import pytest
 import tomllib
 import torch
 
-from recipes.cli import CONFIG_DIR, main, resolve_config, resolve_config_args
+from recipes.__main__ import main
+from recipes.cli import CONFIG_DIR, resolve_config, resolve_config_args
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "use_in_your_project.md"
@@ -94,7 +95,7 @@ def test_a_projects_own_callbacks_py_shadows_ours_and_the_package_layout_avoids_
 
 def test_console_command_and_recipes_by_name(tmp_path, monkeypatch, capsys):
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"layerwise": "recipes.cli:main"}
+    assert scripts == {"layerwise": "recipes.__main__:main"}
     monkeypatch.chdir(tmp_path)
     assert resolve_config("lisa_sft") == str(CONFIG_DIR / "lisa_sft.yaml")
     assert resolve_config("lisa_sft.yaml") == str(CONFIG_DIR / "lisa_sft.yaml")

@@ -20,7 +20,8 @@ from callbacks.lisa import LISA
 from callbacks.mae_reconstruction import MAEReconstructionLogger, to_uint8_hwc
 from callbacks.progress import StepProgressBar
 from datamodules.tokenizer import load_tokenizer
-from recipes.cli import CONFIG_DIR, RecipesCLI, main
+from recipes.__main__ import main
+from recipes.cli import CONFIG_DIR, RecipesCLI
 from recipes.parts.auroc import log_auroc_table, write_auroc_table
 from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier
 from recipes.parts.hf_model import build_causal_lm

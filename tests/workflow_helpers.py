@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from unittest import mock
 
-from recipes.cli import CONFIG_DIR, main
+from recipes.__main__ import main
+from recipes.cli import CONFIG_DIR
 
 QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
          "--trainer.log_every_n_steps", "1", "--wandb", "disabled"]

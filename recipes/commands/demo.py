@@ -6,18 +6,15 @@ the untrained model first, trains, and measures it again on the same held-out te
 
 from __future__ import annotations
 
-import sys
 import time
-from unittest import mock
 
 from recipes.cli import CONFIG_DIR, RecipesCLI
 
 
 def run_demo(argv: list[str] | None = None) -> dict[str, float]:
-    """Train the embedded default and print a summary; extra CLI arguments override the recipe."""
-    # the arguments are given in full here: hide the process's own command line (``demo ...``) from the CLI
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        cli = RecipesCLI(args=["--config", str(CONFIG_DIR / "sft.yaml"), *(argv or [])], run=False)
+    """Train the embedded default and print a summary; ``argv`` (the arguments after ``demo``) overrides the
+    recipe."""
+    cli = RecipesCLI(args=["--config", str(CONFIG_DIR / "sft.yaml"), *(argv or [])], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     model.hparams.exact_match_batches = 10**6  # answer every held-out problem
     before = trainer.test(model, datamodule=data, verbose=False)[0]

@@ -10,49 +10,21 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
 import lightning as L
 import torch
 
-MODULES = {
-    "recipes.causal_lm.CausalLMModule": "causal_lm",
-    "recipes.grpo.GRPOModule": "causal_lm",
-    "recipes.vit_classifier.ViTClassifierModule": "timm",
-    "recipes.mae_pretrain.MAEPretrainModule": "timm",
+from recipes import CausalLMModule, GRPOModule, MAEPretrainModule, ViTClassifierModule
+from recipes.checkpoints import load_module
+
+# the folder format of each module class export knows
+FORMATS: dict[type[L.LightningModule], str] = {
+    CausalLMModule: "causal_lm",
+    GRPOModule: "causal_lm",
+    ViTClassifierModule: "timm",
+    MAEPretrainModule: "timm",
 }
-
-
-def module_class_path(checkpoint: dict, ckpt_path: str | Path) -> str:
-    """The LightningModule class a checkpoint was saved from (``python -m recipes`` records it)."""
-    path = checkpoint.get("hyper_parameters", {}).get("_class_path")
-    if path is None:
-        keys = checkpoint.get("state_dict", {})
-        if any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder_") for k in keys):
-            path = "recipes.mae_pretrain.MAEPretrainModule"
-        elif "label_names" in checkpoint:
-            path = "recipes.vit_classifier.ViTClassifierModule"
-        elif "grpo_sft_done" in checkpoint:
-            path = "recipes.grpo.GRPOModule"
-        else:
-            path = "recipes.causal_lm.CausalLMModule"
-    short = {p.rsplit(".", 1)[1]: p for p in MODULES}
-    path = short.get(path.rsplit(".", 1)[-1], path)
-    if path not in MODULES:
-        raise ValueError(f"{ckpt_path}: a checkpoint of {path}; export knows {sorted(MODULES)}")
-    return path
-
-
-def load_module(ckpt_path: str | Path) -> L.LightningModule:
-    """``<Module>.load_from_checkpoint(ckpt_path)`` for the class the checkpoint was saved from, on the CPU."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"Checkpoint {ckpt_path} does not exist")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    module_name, cls_name = module_class_path(checkpoint, ckpt_path).rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
 
 
 def export_causal_lm(module: L.LightningModule, out: Path, keep_adapters: bool = False) -> Path:
@@ -92,14 +64,15 @@ def export_timm(module: L.LightningModule, out: Path) -> Path:
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, keep_adapters: bool = False) -> Path:
     """Export ``ckpt_path`` into the folder ``out`` (created); returns the folder a model loads from."""
     out = Path(out)
-    module = load_module(ckpt_path)
+    module = load_module(ckpt_path, FORMATS)
+    kind = FORMATS[type(module)]
     out.mkdir(parents=True, exist_ok=True)
-    kind = MODULES[f"{type(module).__module__}.{type(module).__name__}"]
     with torch.no_grad():
         return export_causal_lm(module, out, keep_adapters) if kind == "causal_lm" else export_timm(module, out)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``export``: parse ``argv`` (the arguments after the command's name) and export the checkpoint."""
     parser = argparse.ArgumentParser(prog="python -m recipes export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by python -m recipes fit")
     parser.add_argument("--out", required=True, help="the folder to write (created)")

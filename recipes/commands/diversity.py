@@ -37,7 +37,7 @@ from datamodules.diversity import (
 from datamodules.rewards import QAExactMatch
 from datamodules.tokenizer import require_chat_template
 from datamodules.verifiable_qa import read_verifiable_file
-from recipes.restore import load_causal_lm
+from recipes.commands.restore import load_causal_lm
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from callbacks.core.blocks import find_blocks
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer
+from recipes.checkpoints import CheckpointError, load_checkpoint
 from recipes.parts.hf_model import build_causal_lm
 
 
@@ -44,12 +45,10 @@ def load_causal_lm(source: str, tokenizer: str | None = None, what: str = "--mod
         raise FileNotFoundError(f"{what}={source!r} does not exist; give a Hugging Face model folder or a "
                                 "CausalLMModule/GRPOModule checkpoint (.ckpt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - anything unreadable gets the same explanation
-        raise ValueError(f"{what}={source!r} is neither a model folder nor a readable Lightning checkpoint: "
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:  # unreadable, or not a Lightning checkpoint: the message names the file
+        raise ValueError(f"{what}={source!r} is neither a model folder nor a usable Lightning checkpoint: "
                          f"{err}") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{what}={source!r} is not a Lightning checkpoint (no 'state_dict')")
     hp = ckpt.get("hyper_parameters", {})
     if hp.get("lora") is not None:
         raise ValueError(f"{what}={source!r} is a LoRA checkpoint; merge the adapters into the model first")
@@ -78,7 +77,7 @@ def _architecture(hp: dict, source: str, what: str) -> tuple[str | None, dict | 
     if not Path(sft).is_file():
         raise ValueError(f"{what}={source!r} takes its architecture from sft_checkpoint={sft!r}, which no longer "
                          "exists; restore that file or save the model as a Hugging Face folder")
-    sft_hp = torch.load(sft, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    sft_hp = load_checkpoint(sft).get("hyper_parameters", {})
     return sft_hp.get("model_path"), sft_hp.get("model_config")
 
 
@@ -136,6 +135,7 @@ def restore_blocks(base: torch.nn.Module, post: torch.nn.Module, start: int, sto
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``restore`` command's arguments."""
     parser = argparse.ArgumentParser(prog="python -m recipes restore", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("--base", required=True, help="base model: HF folder or CausalLMModule/GRPOModule .ckpt")
