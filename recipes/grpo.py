@@ -77,7 +77,6 @@ class GRPOModule(L.LightningModule):
         zero_reward_patience: warn when every reward of this many consecutive rollout batches is 0.
     """
 
-    # the settings that define the trained model: a resumed run must give the checkpoint's (recipes.resume)
     defining_settings: frozenset[str] = frozenset({"model_path", "model_config", "tokenizer_name", "sft_checkpoint"})
 
     def __init__(
