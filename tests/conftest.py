@@ -4,6 +4,12 @@
 - ``TINY_VIT_KWARGS``: the ``model_kwargs`` of a recipe's tiny timm ViT (MAE pre-training, ViT classifier).
 - ``ARCHITECTURES``: tiny Hugging Face configs of every architecture family the block finder knows, plus ``vit``;
   ``tiny_model(arch)`` builds one (seeded), ``TinyModule(arch)`` trains one, ``tiny_loader(arch)`` feeds it.
+- ``trainer(callbacks, max_steps, root)``: a quiet CPU Lightning trainer; ``snapshot``, ``moved_blocks`` and
+  ``IntervalProbe`` tell which blocks a layer-wise method moved and what the optimizer holds.
+- ``grpo_module()``, ``grpo_data(tmp_path)``, ``fit_grpo(...)``: a tiny GRPO run and its logged metrics.
+- ``build_bpe_tokenizer()``: a real byte-level BPE tokenizer with a ChatML template, built locally.
+- ``write_nih`` / ``write_chexpert`` and ``nih`` / ``chexpert``: chest X-ray folders from hand-written rows, loaded.
+- ``cli_argv``: a fixture hiding the test runner's command line from an in-process CLI call.
 """
 
 import csv
@@ -24,12 +30,16 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from callbacks.core.blocks import block_parameter_names, find_blocks  # noqa: E402
+from callbacks.lisa import LISA, optimizer_state_bytes  # noqa: E402
 from datamodules.chestxray14 import ChestXray14DataModule  # noqa: E402
 from datamodules.chexpert import CheXpertDataModule  # noqa: E402
 from datamodules.phantom_cxr import NIH_COLUMNS  # noqa: E402
+from datamodules.verifiable_qa import VerifiableQADataModule  # noqa: E402
 
 TINY_LM_CONFIG = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                   "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -123,10 +133,109 @@ def tiny_loader(arch: str = "llama", batches: int = 4, batch_size: int = 4, seed
     return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-@pytest.fixture
-def cli_argv(monkeypatch):
-    """An in-process CLI call passes its own arguments: the test runner's command line is hidden from it."""
-    monkeypatch.setattr(sys, "argv", ["recipes"])
+def trainer(callbacks: list, max_steps: int, root, **kwargs) -> L.Trainer:
+    """A quiet single-CPU trainer of ``max_steps`` steps with ``callbacks`` (no logger, no checkpoints by default)."""
+    kwargs.setdefault("accelerator", "cpu")
+    kwargs.setdefault("devices", 1)
+    kwargs.setdefault("enable_checkpointing", False)
+    return L.Trainer(max_steps=max_steps, callbacks=callbacks, default_root_dir=root, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     log_every_n_steps=1, **kwargs)
+
+
+# Which blocks a layer-wise method moved, and what the optimizer holds
+
+def snapshot(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def moved_blocks(module, before: dict) -> set[int]:
+    parts = find_blocks(module)
+    named = dict(module.named_parameters())
+    return {i for i in range(len(parts)) if any(not torch.equal(named[n], before[n])
+                                                for n in block_parameter_names(module, parts, i))}
+
+
+class IntervalProbe(L.Callback):
+    """Records, per optimizer step, the active set, which blocks moved, and the optimizer's state."""
+
+    def __init__(self, lisa: LISA):
+        self.lisa, self.rows = lisa, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = snapshot(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        trainable = self.lisa.trainable_parameters()
+        parts = find_blocks(pl_module)
+        always_on = [*parts.embedding, *parts.head, *parts.final_norm]
+        named = dict(pl_module.named_parameters())
+        self.rows.append({
+            "active": list(self.lisa.active), "moved": moved_blocks(pl_module, self.before),
+            "always_on_moved": bool(always_on) and all(not torch.equal(named[n], self.before[n]) for n in always_on),
+            "state_ids": {id(p) for p in opt.state}, "trainable_ids": {id(p) for p in trainable},
+            "state_bytes": optimizer_state_bytes(opt), "trainable_numel": sum(p.numel() for p in trainable),
+            "n_tensors": len(trainable)})
+
+
+# A tiny GRPO run on the synthetic verifiable data
+
+class MetricLog(L.Callback):
+    """Every step's logged metrics."""
+
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def grpo_data(tmp_path, **kwargs) -> VerifiableQADataModule:
+    return VerifiableQADataModule(synthetic_dir=str(tmp_path / "syn"), synthetic_sft_size=32, synthetic_train_size=16,
+                                  synthetic_val_size=4, batch_size=2, sft_batch_size=8, **kwargs)
+
+
+def fit_grpo(tmp_path, module, callbacks=(), steps=2, dm=None):
+    """Train ``module`` for ``steps`` steps (on ``grpo_data`` unless ``dm``); returns the trainer and its MetricLog."""
+    log = MetricLog()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[log, *callbacks], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm or grpo_data(tmp_path))
+    return trainer, log
+
+
+def grpo_module(**kwargs):
+    """A ``GRPOModule`` on the tiny Llama: 4 generations of 5 new tokens unless ``kwargs`` say otherwise."""
+    from recipes.grpo import GRPOModule
+
+    kwargs = {"model_config": TINY_LM_CONFIG, "num_generations": 4, "max_new_tokens": 5, **kwargs}
+    return GRPOModule(**kwargs)
+
+
+# A real byte-level BPE tokenizer with added special tokens and a ChatML template, built locally (no download)
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "</s>"]
+CORPUS = ["The answer is 42.", "so 3 + 4 = 7\n#### 7", "Add the numbers: 12 and 30.", "hello world, how are you?",
+          "<|im_end|> and </s> are written here as text", "A multiple-choice answer: (B)"] * 20
+
+
+def build_bpe_tokenizer(vocab_size: int = 300) -> transformers.PreTrainedTokenizerFast:
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=True)
+    bpe_trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(CORPUS, bpe_trainer)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                               pad_token="<|endoftext|>",
+                                               additional_special_tokens=["<|im_start|>", "</s>"])
+    tok.chat_template = CHATML
+    return tok
 
 
 # Chest X-ray folders written from hand-written rows (NIH ChestX-ray14 and CheXpert layouts)
@@ -207,3 +316,9 @@ def chexpert(root: Path, report_coverage: bool = False, **kwargs) -> CheXpertDat
             warnings.filterwarnings("ignore", r"CheXpert .* label\(s\) with no positive or no negative")
         dm.setup()
     return dm
+
+
+@pytest.fixture
+def cli_argv(monkeypatch):
+    """An in-process CLI call passes its own arguments: the test runner's command line is hidden from it."""
+    monkeypatch.setattr(sys, "argv", ["recipes"])

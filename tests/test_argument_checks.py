@@ -18,8 +18,7 @@ from recipes.cli import CONFIG_DIR, main
 from recipes.grpo import GRPOModule
 from recipes.mae_pretrain import MAEPretrainModule
 from recipes.parts.mae_masking import random_masking
-from tests.conftest import VOCAB, TinyModule, tiny_loader
-from tests.sampling_helpers import trainer
+from tests.conftest import VOCAB, TinyModule, tiny_loader, trainer
 
 TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}

@@ -12,7 +12,7 @@ from datamodules.jsonl_records import DataError
 from datamodules.verifiable_qa import VerifiableQADataModule
 from recipes.cli import CONFIG_DIR, main
 from recipes.grpo import GRPOModule
-from tests.test_grpo_module import TINY
+from tests.conftest import TINY_LM_CONFIG as TINY
 
 
 class TinyData(BoringModel):
