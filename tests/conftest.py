@@ -4,10 +4,19 @@
 - ``TINY_VIT_KWARGS``: the ``model_kwargs`` of a recipe's tiny timm ViT (MAE pre-training, ViT classifier).
 - ``ARCHITECTURES``: tiny Hugging Face configs of every architecture family the block finder knows, plus ``vit``;
   ``tiny_model(arch)`` builds one (seeded), ``TinyModule(arch)`` trains one, ``tiny_loader(arch)`` feeds it.
+- ``trainer(callbacks, max_steps, root)``: a quiet CPU Lightning trainer; ``snapshot``, ``moved_blocks`` and
+  ``IntervalProbe`` tell which blocks a layer-wise method moved and what the optimizer holds.
+- ``grpo_module()``, ``grpo_data(tmp_path)``, ``fit_grpo(...)``: a tiny GRPO run and its logged metrics.
+- ``build_bpe_tokenizer()``: a real byte-level BPE tokenizer with a ChatML template, built locally.
+- ``write_nih`` / ``write_chexpert`` and ``nih`` / ``chexpert``: chest X-ray folders from hand-written rows, loaded.
+- ``cli_argv``: a fixture hiding the test runner's command line from an in-process CLI call.
 """
 
+import csv
 import os
 import sys
+import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,12 +24,22 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from callbacks.core.blocks import block_parameter_names, find_blocks  # noqa: E402
+from callbacks.lisa import LISA, optimizer_state_bytes  # noqa: E402
+from datamodules.chestxray14 import ChestXray14DataModule  # noqa: E402
+from datamodules.chexpert import CheXpertDataModule  # noqa: E402
+from datamodules.phantom_cxr import NIH_COLUMNS  # noqa: E402
+from datamodules.verifiable_qa import VerifiableQADataModule  # noqa: E402
 
 TINY_LM_CONFIG = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                   "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -112,6 +131,191 @@ def tiny_loader(arch: str = "llama", batches: int = 4, batch_size: int = 4, seed
     else:
         data = TensorDataset(torch.randint(0, VOCAB, (n, SEQ), generator=gen))
     return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def trainer(callbacks: list, max_steps: int, root, **kwargs) -> L.Trainer:
+    """A quiet single-CPU trainer of ``max_steps`` steps with ``callbacks`` (no logger, no checkpoints by default)."""
+    kwargs.setdefault("accelerator", "cpu")
+    kwargs.setdefault("devices", 1)
+    kwargs.setdefault("enable_checkpointing", False)
+    return L.Trainer(max_steps=max_steps, callbacks=callbacks, default_root_dir=root, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     log_every_n_steps=1, **kwargs)
+
+
+# Which blocks a layer-wise method moved, and what the optimizer holds
+
+def snapshot(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def moved_blocks(module, before: dict) -> set[int]:
+    parts = find_blocks(module)
+    named = dict(module.named_parameters())
+    return {i for i in range(len(parts)) if any(not torch.equal(named[n], before[n])
+                                                for n in block_parameter_names(module, parts, i))}
+
+
+class IntervalProbe(L.Callback):
+    """Records, per optimizer step, the active set, which blocks moved, and the optimizer's state."""
+
+    def __init__(self, lisa: LISA):
+        self.lisa, self.rows = lisa, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = snapshot(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        trainable = self.lisa.trainable_parameters()
+        parts = find_blocks(pl_module)
+        always_on = [*parts.embedding, *parts.head, *parts.final_norm]
+        named = dict(pl_module.named_parameters())
+        self.rows.append({
+            "active": list(self.lisa.active), "moved": moved_blocks(pl_module, self.before),
+            "always_on_moved": bool(always_on) and all(not torch.equal(named[n], self.before[n]) for n in always_on),
+            "state_ids": {id(p) for p in opt.state}, "trainable_ids": {id(p) for p in trainable},
+            "state_bytes": optimizer_state_bytes(opt), "trainable_numel": sum(p.numel() for p in trainable),
+            "n_tensors": len(trainable)})
+
+
+# A tiny GRPO run on the synthetic verifiable data
+
+class MetricLog(L.Callback):
+    """Every step's logged metrics."""
+
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def grpo_data(tmp_path, **kwargs) -> VerifiableQADataModule:
+    return VerifiableQADataModule(synthetic_dir=str(tmp_path / "syn"), synthetic_sft_size=32, synthetic_train_size=16,
+                                  synthetic_val_size=4, batch_size=2, sft_batch_size=8, **kwargs)
+
+
+def fit_grpo(tmp_path, module, callbacks=(), steps=2, dm=None):
+    """Train ``module`` for ``steps`` steps (on ``grpo_data`` unless ``dm``); returns the trainer and its MetricLog."""
+    log = MetricLog()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[log, *callbacks], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm or grpo_data(tmp_path))
+    return trainer, log
+
+
+def grpo_module(**kwargs):
+    """A ``GRPOModule`` on the tiny Llama: 4 generations of 5 new tokens unless ``kwargs`` say otherwise."""
+    from recipes.grpo import GRPOModule
+
+    kwargs = {"model_config": TINY_LM_CONFIG, "num_generations": 4, "max_new_tokens": 5, **kwargs}
+    return GRPOModule(**kwargs)
+
+
+# A real byte-level BPE tokenizer with added special tokens and a ChatML template, built locally (no download)
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "</s>"]
+CORPUS = ["The answer is 42.", "so 3 + 4 = 7\n#### 7", "Add the numbers: 12 and 30.", "hello world, how are you?",
+          "<|im_end|> and </s> are written here as text", "A multiple-choice answer: (B)"] * 20
+
+
+def build_bpe_tokenizer(vocab_size: int = 300) -> transformers.PreTrainedTokenizerFast:
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=True)
+    bpe_trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(CORPUS, bpe_trainer)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                               pad_token="<|endoftext|>",
+                                               additional_special_tokens=["<|im_start|>", "</s>"])
+    tok.chat_template = CHATML
+    return tok
+
+
+# Chest X-ray folders written from hand-written rows (NIH ChestX-ray14 and CheXpert layouts)
+
+NIH_ROWS = [  # image, Finding Labels, patient
+    ("00000001_000.png", "Cardiomegaly|Effusion", "1"), ("00000001_001.png", "No Finding", "1"),
+    ("00000002_000.png", "Hernia", "2"), ("00000003_000.png", "Nodule|Mass|Pneumothorax", "3"),
+    ("00000004_000.png", "No Finding", "4"), ("00000005_000.png", "Atelectasis", "5"),
+]
+
+
+def write_png(path: Path, value: int = 100, size: int = 40, mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.full((size, size), value, dtype=np.uint8)
+    arr[: size // 2] = 255 - value
+    Image.fromarray(arr).convert(mode).save(path)
+
+
+def write_nih(root: Path, rows=NIH_ROWS, columns=NIH_COLUMNS, test=("00000005_000.png",), extra_list=()) -> Path:
+    for i, (name, _, _) in enumerate(rows):
+        write_png(root / f"images_00{1 + i % 2}" / "images" / name)
+    with (root / "Data_Entry_2017.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for name, labels, patient in rows:
+            full = {"Image Index": name, "Finding Labels": labels, "Patient ID": patient, "View Position": "PA"}
+            writer.writerow([full.get(c, "0") for c in columns])
+    names = [r[0] for r in rows]
+    (root / "train_val_list.txt").write_text("\n".join([n for n in names if n not in test] + list(extra_list)) + "\n")
+    (root / "test_list.txt").write_text("\n".join(test) + "\n")
+    return root
+
+
+def nih(root: Path, **kwargs) -> ChestXray14DataModule:
+    dm = ChestXray14DataModule(root=str(root), image_size=32, batch_size=2, val_fraction=0.3, **kwargs)
+    dm.setup()
+    return dm
+
+
+CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Cardiomegaly", "Edema",
+                   "Consolidation", "Atelectasis", "Pleural Effusion"]
+CHEXPERT_ROWS = [  # Cardiomegaly, Edema, Consolidation, Atelectasis, Pleural Effusion
+    ("patient00001/study1/view1_frontal.jpg", "Frontal", ["1.0", "-1.0", "", "-1.0", "0.0"]),
+    ("patient00001/study1/view2_lateral.jpg", "Lateral", ["1.0", "", "", "", ""]),
+    ("patient00002/study1/view1_frontal.jpg", "Frontal", ["-1.0", "1.0", "-1.0", "", "1.0"]),
+    ("patient00003/study1/view1_frontal.jpg", "Frontal", ["", "", "", "", ""]),
+    ("patient00004/study2/view1_frontal.jpg", "Frontal", ["0.0", "0.0", "1.0", "1.0", "-1.0"]),
+]
+
+
+def write_chexpert(tmp_path: Path, header=CHEXPERT_HEADER, rows=CHEXPERT_ROWS) -> Path:
+    base = tmp_path / "CheXpert-v1.0-small"
+    for split in ("train", "valid"):
+        with (base / f"{split}.csv").open("w", newline="") if base.exists() else _mk(base / f"{split}.csv") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for rel, view, values in rows:
+                if split == "valid":  # the test set's patients are other people (patient0... -> patient9...)
+                    rel = rel.replace("patient0", "patient9")
+                write_png(base / split / rel)
+                full = dict(zip(CHEXPERT_HEADER, ["CheXpert-v1.0-small/" + split + "/" + rel, "Female", "50", view,
+                                                  "PA", "", *values], strict=True))
+                writer.writerow([full[c] for c in header])
+    return base
+
+
+def _mk(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("w", newline="")
+
+
+def chexpert(root: Path, report_coverage: bool = False, **kwargs) -> CheXpertDataModule:
+    """Set up CheXpert from hand-written rows; these are too few for every label to have positive and negative
+    training entries, so the label-coverage report is silenced unless ``report_coverage``."""
+    dm = CheXpertDataModule(root=str(root), image_size=32, batch_size=2, val_fraction=0.3, **kwargs)
+    with warnings.catch_warnings():
+        if not report_coverage:
+            warnings.filterwarnings("ignore", r"CheXpert .* label\(s\) with no positive or no negative")
+        dm.setup()
+    return dm
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ from recipes.cli import CONFIG_DIR
 from recipes.grpo import GRPOModule
 from recipes.mae_pretrain import MAEPretrainModule
 from recipes.parts.mae_masking import random_masking
-from tests.conftest import VOCAB, TinyModule, tiny_loader
-from tests.sampling_helpers import trainer
+from tests.conftest import VOCAB, TinyModule, tiny_loader, trainer
 
 TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -139,3 +138,18 @@ def test_cli_shows_the_callbacks_own_error_first(tmp_path, capsys, monkeypatch, 
     assert "Error in the run's configuration: ValueError: weights has 1 positive entries" in err
     assert "Does not validate against any of the Union subtypes" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_verifiable_batch_size_is_checked():
+    with pytest.raises(ValueError, match=r"\{'batch_size': 0\}: expected batch sizes and lengths >= 1"):
+        VerifiableQADataModule(batch_size=0)
+
+
+def test_cli_shows_the_modules_own_error_first(tmp_path, capsys, monkeypatch, cli_argv):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"num_generations \(G\) must"):
+        main(["fit", "--config", str(CONFIG_DIR / "grpo_llds.yaml"), "--wandb=disabled",
+              "--model.init_args.num_generations=1"])
+    err = capsys.readouterr().err
+    assert "Error in the run's configuration: ValueError: num_generations (G) must" in err
+    assert "Union subtypes" not in err and not (tmp_path / "runs").exists()

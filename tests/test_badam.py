@@ -7,9 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import BAdam
 from callbacks.lisa import optimizer_state_bytes
-from tests.conftest import TinyModule, tiny_loader
-from tests.sampling_helpers import trainer
-from tests.test_lisa import moved_blocks, snapshot
+from tests.conftest import TinyModule, moved_blocks, snapshot, tiny_loader, trainer
 
 OUTSIDE = ("embed_tokens.weight", "lm_head.weight", "model.norm.weight")
 

@@ -68,16 +68,16 @@ def test_recipe_trains_in_bf16(path: Path, precision: str, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_grpo_update_moves_weights_in_bf16(precision, tmp_path):
-    from tests.test_grpo_module import data, module
+    from tests.conftest import grpo_data, grpo_module
 
     torch.manual_seed(0)
-    m = module(mu=2, num_mini_batches=2, kl_coef=0.1, logprob_chunk_size=7)
+    m = grpo_module(mu=2, num_mini_batches=2, kl_coef=0.1, logprob_chunk_size=7)
     m.reward_funcs = [lambda prompts, completions, **c: [float(i % 2) for i in range(len(completions))]]
     probe = PrecisionProbe()
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, precision=precision,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[probe], default_root_dir=tmp_path)
-    trainer.fit(m, datamodule=data(tmp_path))
+    trainer.fit(m, datamodule=grpo_data(tmp_path))
     assert probe.dtypes == {PRECISIONS[precision]} and probe.state_dtypes == {PRECISIONS[precision]}
     assert probe.losses and all(math.isfinite(v) for v in probe.losses)
     assert any(".layers.0." in n for n in probe.moved) and "model.lm_head.weight" in probe.moved
@@ -86,9 +86,7 @@ def test_grpo_update_moves_weights_in_bf16(precision, tmp_path):
 def test_lisa_optimizer_state_in_bf16_true_is_trainable_now_times_moment_bytes(tmp_path):
     """AdamW in bf16-true keeps two bf16 moments (2 x 2 bytes) per trainable-now parameter, plus a 4-byte step."""
     from callbacks.lisa import LISA
-    from tests.conftest import TinyModule, tiny_loader
-    from tests.sampling_helpers import trainer
-    from tests.test_lisa import IntervalProbe
+    from tests.conftest import IntervalProbe, TinyModule, tiny_loader, trainer
 
     lisa = LISA(n_layers=1, interval=2, seed=0)
     probe = IntervalProbe(lisa)

@@ -1,11 +1,15 @@
-"""What a user sees: the progress bar, the learning rates in the logs, a log folder W&B has written to first."""
+"""What a user sees: the progress bar, the learning rates in the logs, a log folder W&B has written to first, and
+the parser naming a mistaken command line or config file before anything is trained."""
 
+import re
 import warnings
 from types import SimpleNamespace
 
+import pytest
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
 
 from callbacks.progress import StepProgressBar
+from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR, RecipesCLI
 from recipes.parts.loggers import default_loggers
 
@@ -48,3 +52,31 @@ def test_cli_adds_lr_monitor_and_step_bar_unless_they_cannot_work(tmp_path, cli_
     assert not any(isinstance(c, (LearningRateMonitor, ProgressBar)) for c in quiet)
     own = _callbacks(tmp_path, "--trainer.callbacks+=TQDMProgressBar")
     assert [type(c) for c in own if isinstance(c, ProgressBar)] == [TQDMProgressBar]
+
+
+CONFIG_MISTAKES = {  # a mistaken command line stops the parser, naming the mistake
+    "misspelled_trainer_key": (["--trainer.max_step=3"], r"max_step"),
+    "misspelled_model_key": (["--model.init_args.warmup_step=3"], r"warmup_step"),
+    "unknown_class_path": (["--model.class_path=recipes.CausalLMModul"], r"CausalLMModul"),
+    "wrong_value_type": (["--data.init_args.batch_size=many"], r"batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_MISTAKES))
+def test_config_mistakes(case, tmp_path, capsys, monkeypatch, cli_argv):
+    monkeypatch.chdir(tmp_path)
+    args, pattern = CONFIG_MISTAKES[case]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIG_DIR / "sft.yaml"), "--wandb=disabled", *args])
+    assert exit_info.value.code != 0
+    assert re.search(pattern, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists(), "nothing may be trained or logged"
+
+
+def test_yaml_file_with_misspelled_key(tmp_path, capsys, monkeypatch, cli_argv):
+    monkeypatch.chdir(tmp_path)
+    text = (CONFIG_DIR / "sft.yaml").read_text().replace("  max_steps:", "  max_stepz:")
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "bad.yaml"), "--wandb=disabled"])
+    assert "max_stepz" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from datamodules.verifiable_qa import VerifiableQADataModule
 from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR
 from recipes.grpo import GRPOModule
-from tests.test_grpo_module import TINY
+from tests.conftest import TINY_LM_CONFIG as TINY
 
 
 class TinyData(BoringModel):

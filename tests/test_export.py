@@ -4,6 +4,9 @@ outputs, and every module's ``load_from_checkpoint`` needs no extra arguments.""
 from __future__ import annotations
 
 import shutil
+import sys
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import timm
@@ -13,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recipes import CausalLMModule, GRPOModule, MAEPretrainModule, ViTClassifierModule
 from recipes.__main__ import main
-from tests.workflow_helpers import last_checkpoint, run_recipe
+from recipes.cli import CONFIG_DIR
 
 IDS = torch.tensor([[1, 10, 20, 30, 40, 50], [1, 11, 21, 31, 41, 51]])
 
@@ -101,3 +104,36 @@ def test_grpo_checkpoint_loads_and_exports_without_the_sft_file(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(IDS).logits, module.model(IDS).logits)
+
+
+# Short runs of the shipped recipes through ``python -m recipes`` (in-process)
+
+QUICK = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+         "--trainer.log_every_n_steps", "1", "--wandb", "disabled"]
+SHORT_DATA = {
+    "sft": ["--data.init_args.synthetic_train_size", "100", "--trainer.val_check_interval", "2"],
+    "grpo_llds": ["--model.init_args.sft_steps", "2", "--data.init_args.synthetic_sft_size", "64",
+                  "--data.init_args.synthetic_train_size", "64", "--data.init_args.synthetic_val_size", "8",
+                  "--trainer.val_check_interval", "1"],
+    "mae_pretrain_cxr": ["--data.init_args.phantom_patients", "24", "--trainer.limit_train_batches", "2",
+                         "--trainer.check_val_every_n_epoch", "1"],
+    "vit_finetune_cxr": ["--data.init_args.phantom_patients", "24", "--trainer.limit_train_batches", "2"],
+}
+
+
+def run_recipe(subcommand: str, recipe: str, root: Path, *extra: str) -> Path:
+    """Run ``subcommand`` of a shipped recipe briefly with logs and data under ``root``; returns the run folder."""
+    data = ["--data.init_args.synthetic_dir", str(root / "synthetic")] if "cxr" not in recipe else \
+        ["--data.init_args.phantom_dir", str(root / "phantom")]
+    argv = [subcommand, "--config", str(CONFIG_DIR / f"{recipe}.yaml"), "--trainer.default_root_dir",
+            str(root / "runs"), *QUICK, *SHORT_DATA.get(recipe, []), *data, *extra]
+    with mock.patch.object(sys, "argv", ["recipes"]):  # LightningCLI reads args only from argv here
+        main(argv)
+    runs = sorted((root / "runs" / recipe).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return runs[-1] if runs else root / "runs" / recipe
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    found = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert found, f"no checkpoint in {run_dir}"
+    return found[-1]

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from tests.test_grpo_module import data, fit, module
+from tests.conftest import fit_grpo, grpo_data, grpo_module
 
 
 def _run(tmp_path, **kwargs):
     torch.manual_seed(0)
-    m = module(mu=2, num_mini_batches=2, kl_coef=0.1, optimizer=lambda p: torch.optim.SGD(p, lr=1.0), **kwargs)
+    m = grpo_module(mu=2, num_mini_batches=2, kl_coef=0.1, optimizer=lambda p: torch.optim.SGD(p, lr=1.0), **kwargs)
     m.reward_funcs = [lambda prompts, completions, **c: [float(i % 2) for i in range(len(completions))]]
-    _, log = fit(tmp_path, m, steps=8, dm=data(tmp_path))
+    _, log = fit_grpo(tmp_path, m, steps=8, dm=grpo_data(tmp_path))
     return m, log
 
 
@@ -28,6 +28,6 @@ def test_chunked_and_full_logprobs_give_the_same_training(tmp_path):
 
 def test_bad_chunk_settings_are_named():
     with pytest.raises(ValueError, match="logprob_chunk_size"):
-        module(logprob_chunk_size=0)
+        grpo_module(logprob_chunk_size=0)
     with pytest.raises(ValueError, match="logprob_batch_size"):
-        module(logprob_batch_size=-2)
+        grpo_module(logprob_batch_size=-2)

@@ -6,38 +6,9 @@ import torch
 
 from callbacks.llds import LLDS
 from datamodules.chat_encoding import pad
-from datamodules.verifiable_qa import VerifiableQADataModule
 from recipes.grpo import GRPOModule
 from tests.conftest import TINY_LM_CONFIG as TINY
-
-
-class MetricLog(L.Callback):
-    """Every step's logged metrics."""
-
-    def __init__(self):
-        self.steps: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-
-
-def data(tmp_path, **kwargs) -> VerifiableQADataModule:
-    return VerifiableQADataModule(synthetic_dir=str(tmp_path / "syn"), synthetic_sft_size=32, synthetic_train_size=16,
-                                  synthetic_val_size=4, batch_size=2, sft_batch_size=8, **kwargs)
-
-
-def fit(tmp_path, module, callbacks=(), steps=2, dm=None):
-    log = MetricLog()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[log, *callbacks], default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=dm or data(tmp_path))
-    return trainer, log
-
-
-def module(**kwargs) -> GRPOModule:
-    kwargs = {"model_config": TINY, "num_generations": 4, "max_new_tokens": 5, **kwargs}
-    return GRPOModule(**kwargs)
+from tests.conftest import fit_grpo, grpo_data, grpo_module
 
 
 class OldPolicyCheck(GRPOModule):
@@ -59,7 +30,7 @@ def test_mu1_ratio_exactly_one_llds_exactly_zero_and_warns(tmp_path):
     torch.manual_seed(0)
     m = OldPolicyCheck(model_config=TINY, num_generations=4, max_new_tokens=5, mu=1, num_mini_batches=1)
     with pytest.warns(UserWarning, match="LLDS is exactly zero"):
-        _, log = fit(tmp_path, m, [LLDS()], steps=2)
+        _, log = fit_grpo(tmp_path, m, [LLDS()], steps=2)
     # the ratio is 1 because the reused first forward gives the sampling policy's log-probs, token for token
     assert len(m.old_vs_sampler) == 2
     for old, sampler in m.old_vs_sampler:
@@ -73,10 +44,10 @@ def test_mu1_ratio_exactly_one_llds_exactly_zero_and_warns(tmp_path):
 
 def test_mu2_updates_off_policy_and_llds_acts(tmp_path):
     torch.manual_seed(0)
-    m = module(mu=2, num_mini_batches=2, optimizer=lambda p: torch.optim.SGD(p, lr=5.0))
+    m = grpo_module(mu=2, num_mini_batches=2, optimizer=lambda p: torch.optim.SGD(p, lr=5.0))
     # a reward that always splits each group keeps advantages non-zero, so the policy must move
     m.reward_funcs = [lambda prompts, completions, **c: [float(i % 2) for i in range(len(completions))]]
-    trainer, log = fit(tmp_path, m, [LLDS(gate="token")], steps=4)
+    trainer, log = fit_grpo(tmp_path, m, [LLDS(gate="token")], steps=4)
     assert trainer.global_step == 4  # one rollout batch = mu * num_mini_batches optimizer steps
     assert log.steps[-1]["grpo/ratio"] != 1.0
     assert log.steps[-1]["llds/penalty"] > 0.0 and log.steps[-1]["llds/gated_fraction"] > 0.0
@@ -84,7 +55,7 @@ def test_mu2_updates_off_policy_and_llds_acts(tmp_path):
 
 def test_registered_loss_term_is_added_and_logged(tmp_path):
     torch.manual_seed(0)
-    m = module(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    m = grpo_module(optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     seen = []
 
     class Term(L.Callback):
@@ -95,7 +66,7 @@ def test_registered_loss_term_is_added_and_logged(tmp_path):
             seen.append(tokens)
             return 3.0 + 0.0 * tokens.logp.sum(), {"probe/tokens": tokens.mask.sum()}
 
-    _, log = fit(tmp_path, m, [Term()], steps=1)
+    _, log = fit_grpo(tmp_path, m, [Term()], steps=1)
     assert log.steps[0]["loss/probe"] == 3.0
     assert log.steps[0]["train/loss"] == pytest.approx(log.steps[0]["loss/grpo"] + 3.0)
     t = seen[0]
@@ -105,7 +76,7 @@ def test_registered_loss_term_is_added_and_logged(tmp_path):
 
 
 def test_one_generate_call_for_all_prompts_and_samples(tmp_path):
-    m = module()
+    m = grpo_module()
     calls = []
 
     class Spy(L.Callback):
@@ -118,7 +89,7 @@ def test_one_generate_call_for_all_prompts_and_samples(tmp_path):
 
             pl_module.model.generate = generate
 
-    fit(tmp_path, m, [Spy()], steps=1)
+    fit_grpo(tmp_path, m, [Spy()], steps=1)
     assert calls == [(8, True)]
 
 
@@ -126,17 +97,17 @@ def test_bad_reward_stops_run_with_its_name(tmp_path):
     def broken(prompts, completions, **columns):
         return [1.0]
 
-    m = module()
+    m = grpo_module()
     m.reward_funcs = [broken]
     with pytest.raises(Exception, match="'broken' returned 1 rewards for 8 completions"):
-        fit(tmp_path / "stopping", m, steps=1)
+        fit_grpo(tmp_path / "stopping", m, steps=1)
 
     def raises(prompts, completions, **columns):
         raise RuntimeError("judge offline")
 
-    m = module(drop_bad_rewards=True)
+    m = grpo_module(drop_bad_rewards=True)
     m.reward_funcs = [raises]
-    _, log = fit(tmp_path / "dropping", m, steps=1)
+    _, log = fit_grpo(tmp_path / "dropping", m, steps=1)
     assert log.steps[0]["grpo/dropped"] == 8.0 and log.steps[0]["loss/grpo"] == 0.0
 
 
@@ -155,16 +126,16 @@ def test_sft_checkpoint_is_loaded(tmp_path):
 
 def test_sft_warmup_lowers_loss_before_grpo(tmp_path):
     torch.manual_seed(0)
-    dm = data(tmp_path)
+    dm = grpo_data(tmp_path)
     dm.prepare_data()
     dm.setup()
-    m = module(sft_steps=8, sft_lr=3e-3, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    m = grpo_module(sft_steps=8, sft_lr=3e-3, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     m.tokenizer = dm.tokenizer
     m.configure_model()
     batch = next(iter(dm.sft_dataloader()))
     with torch.no_grad():
         before = float(m.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
-    fit(tmp_path, m, steps=1, dm=dm)
+    fit_grpo(tmp_path, m, steps=1, dm=dm)
     with torch.no_grad():
         after = float(m.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss)
     assert after < before - 0.5

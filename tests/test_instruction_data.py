@@ -126,3 +126,17 @@ def test_too_few_records_for_validation(tmp_path):
     path = _write(tmp_path / "one.jsonl", [{"instruction": "a", "output": "b"}])
     with pytest.raises(DataError, match="too few to hold out a validation split"):
         InstructionDataModule(train_file=str(path)).setup()
+
+
+def test_empty_val_file_is_named(tmp_path):
+    train = _write(tmp_path / "d.jsonl", [{"instruction": "Add", "input": "1+2", "output": "3"}] * 4)
+    val = _write(tmp_path / "v.jsonl", [])
+    with pytest.raises(DataError, match=r"v.jsonl: the file has no records"):
+        InstructionDataModule(train_file=str(train), val_file=str(val)).setup()
+
+
+def test_assistant_reply_before_the_last_message_is_named(tmp_path):
+    conversation = [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]
+    path = _write(tmp_path / "d.jsonl", [{"messages": conversation}] * 3)
+    with pytest.raises(DataError, match=r"d.jsonl:\d: the last message must be the assistant's response"):
+        InstructionDataModule(train_file=str(path)).setup()

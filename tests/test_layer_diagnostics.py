@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks import LISA, LayerDiagnostics
 from callbacks.core.heatmap import draw_heatmap
 from callbacks.core.layer_stats import block_influence, relative_contribution
-from tests.conftest import SEQ, VOCAB, TinyModule, tiny_loader
-from tests.sampling_helpers import trainer
+from tests.conftest import SEQ, VOCAB, TinyModule, tiny_loader, trainer
 
 torch.set_num_threads(1)
 

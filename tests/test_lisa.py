@@ -10,46 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.core.blocks import block_parameter_names, find_blocks
-from callbacks.lisa import LISA, optimizer_state_bytes
-from tests.conftest import LAYERWISE_ARCHS, TinyModule, tiny_loader
-from tests.sampling_helpers import trainer
+from callbacks.core.blocks import find_blocks
+from callbacks.lisa import LISA
+from tests.conftest import LAYERWISE_ARCHS, IntervalProbe, TinyModule, moved_blocks, snapshot, tiny_loader, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def snapshot(module: L.LightningModule) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
-
-
-def moved_blocks(module, before: dict) -> set[int]:
-    parts = find_blocks(module)
-    named = dict(module.named_parameters())
-    return {i for i in range(len(parts)) if any(not torch.equal(named[n], before[n])
-                                                for n in block_parameter_names(module, parts, i))}
-
-
-class IntervalProbe(L.Callback):
-    """Records, per optimizer step, the active set, which blocks moved, and the optimizer's state."""
-
-    def __init__(self, lisa: LISA):
-        self.lisa, self.rows = lisa, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before = snapshot(pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        opt = trainer.optimizers[0]
-        trainable = self.lisa.trainable_parameters()
-        parts = find_blocks(pl_module)
-        always_on = [*parts.embedding, *parts.head, *parts.final_norm]
-        named = dict(pl_module.named_parameters())
-        self.rows.append({
-            "active": list(self.lisa.active), "moved": moved_blocks(pl_module, self.before),
-            "always_on_moved": bool(always_on) and all(not torch.equal(named[n], self.before[n]) for n in always_on),
-            "state_ids": {id(p) for p in opt.state}, "trainable_ids": {id(p) for p in trainable},
-            "state_bytes": optimizer_state_bytes(opt), "trainable_numel": sum(p.numel() for p in trainable),
-            "n_tensors": len(trainable)})
 
 
 @pytest.mark.parametrize("arch", LAYERWISE_ARCHS)
@@ -145,8 +110,6 @@ def test_argument_checks():
         LISA(n_layers=0)
     with pytest.raises(ValueError, match="interval"):
         LISA(interval=0)
-    with pytest.raises(ValueError, match="weights"):
-        LISA(weights=[0.0, 0.0])
 
 
 def test_too_many_layers_is_a_clear_error(tmp_path):
@@ -157,7 +120,7 @@ def test_too_many_layers_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_two_rank_ddp_keeps_weights_identical(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    subprocess.run([sys.executable, str(ROOT / "tests" / "sampling_helpers.py"), str(tmp_path)], check=True,
+    subprocess.run([sys.executable, str(ROOT / "tests" / "lisa_ddp_worker.py"), str(tmp_path)], check=True,
                    env=env, cwd=tmp_path, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["history"] == r1["history"]

@@ -12,8 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks.core.galore import GaLoreAdamW
 from callbacks.lisa import LISA, optimizer_state_bytes
 from callbacks.owlore import OwLore
-from tests.conftest import TinyModule, tiny_loader
-from tests.sampling_helpers import trainer
+from tests.conftest import TinyModule, tiny_loader, trainer
 
 
 class Chain(L.LightningModule):

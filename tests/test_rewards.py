@@ -135,3 +135,8 @@ def test_unmatchable_references_are_errors(reference):
 
 def test_fraction_completion_matches_fraction_reference():
     assert GSM8KReward()([""] * 3, ["#### 1/2", "#### 0.5", "#### 1"], answer=["1/2"] * 3) == [1.0, 1.0, 0.0]
+
+
+def test_empty_completion_never_matches():
+    assert QAExactMatch()([""] * 2, ["", "   "], answers=[["", "x"], ["the"]]) == [0.0, 0.0]
+    assert GSM8KReward("flexible")([""], [""], answer=["0"]) == [0.0]

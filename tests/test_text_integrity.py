@@ -9,7 +9,7 @@ from datamodules.chat_encoding import IGNORE_INDEX, encode_chat, encode_prompt
 from datamodules.instruction import InstructionDataModule
 from datamodules.jsonl_records import DataError, read_instruction_file, record_to_messages
 from datamodules.tokenizer import build_char_tokenizer
-from tests.tokenizer_helpers import build_bpe_tokenizer
+from tests.conftest import build_bpe_tokenizer
 
 
 def _write(path, lines) -> str:

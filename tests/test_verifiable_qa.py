@@ -93,3 +93,13 @@ def test_gsm8k_references_checked_at_load_with_the_rewards_parser(tmp_path):
 def test_qa_answers_must_be_non_blank(tmp_path):
     with pytest.raises(DataError, match=r"q.jsonl:1: 'answers' must be a non-empty list of strings, none blank"):
         read_verifiable_file(write(tmp_path / "q.jsonl", [{"question": "q", "answers": ["Paris", " "]}]))
+
+
+@pytest.mark.parametrize("reference,match", [
+    ("2:30", r"'2:30' is not one number"), ("3,5", r"'3,5' is not one number"), ("1/0", r"'1/0' divides by zero"),
+], ids=["time_of_day", "ambiguous_comma", "divides_by_zero"])
+def test_unmatchable_reference_names_file_and_line(tmp_path, reference, match):
+    path = write(tmp_path / "r.jsonl", [{"question": "q", "answer": "#### 1"},
+                                        {"question": "q", "answer": f"#### {reference}"}])
+    with pytest.raises(DataError, match=r"r.jsonl:2: .*" + match):
+        read_verifiable_file(path)

@@ -26,7 +26,8 @@ from recipes.parts.auroc import log_auroc_table, write_auroc_table
 from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier
 from recipes.parts.hf_model import build_causal_lm
 from recipes.parts.loggers import default_loggers, eval_loggers
-from tests.test_grpo_module import TINY, data, fit, module
+from tests.conftest import TINY_LM_CONFIG as TINY
+from tests.conftest import fit_grpo, grpo_data, grpo_module
 
 SFT = str(CONFIG_DIR / "sft.yaml")
 
@@ -92,9 +93,9 @@ def _sft_checkpoint(tmp_path, synthetic_format: str):
 
 
 def test_grpo_from_a_bare_answer_sft_checkpoint_stops_at_fit_start(tmp_path):
-    m = module(model_config=None, sft_checkpoint=str(_sft_checkpoint(tmp_path, "chat")))
+    m = grpo_module(model_config=None, sft_checkpoint=str(_sft_checkpoint(tmp_path, "chat")))
     with pytest.raises(ValueError, match="do not end with '#### <number>'"):
-        fit(tmp_path, m, steps=1)
+        fit_grpo(tmp_path, m, steps=1)
 
 
 def test_zero_reward_streak_warns_once_per_streak():
@@ -106,9 +107,9 @@ def test_zero_reward_streak_warns_once_per_streak():
 
 def test_grpo_warns_when_every_reward_is_zero(tmp_path):
     torch.manual_seed(0)
-    m = module(zero_reward_patience=2, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(completions)])
+    m = grpo_module(zero_reward_patience=2, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(completions)])
     with pytest.warns(UserWarning, match="last 2 rollout batches was 0: GRPO has nothing to learn"):
-        fit(tmp_path, m, steps=2)
+        fit_grpo(tmp_path, m, steps=2)
 
 
 # ------------------------------------------------------------------------------------- 3. eval beside the run
@@ -189,8 +190,7 @@ class TrainableAtFitStart(L.Callback):
 
 
 def test_model_summary_under_lisa_counts_the_parameters_trainable_at_a_time(tmp_path):
-    from tests.conftest import TinyModule, tiny_loader
-    from tests.sampling_helpers import trainer
+    from tests.conftest import TinyModule, tiny_loader, trainer
 
     lm = TinyModule(layers=4)
     probe = TrainableAtFitStart()
@@ -210,12 +210,12 @@ class BarTotals(L.Callback):
 
 def test_grpo_progress_bar_total_counts_rollout_batches(tmp_path):
     torch.manual_seed(0)
-    m = module(mu=2, num_mini_batches=2)
+    m = grpo_module(mu=2, num_mini_batches=2)
     totals = BarTotals()
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[StepProgressBar(), totals],
                         default_root_dir=tmp_path)
-    trainer.fit(m, datamodule=data(tmp_path))
+    trainer.fit(m, datamodule=grpo_data(tmp_path))
     assert totals.totals == [2] and trainer.fit_loop.epoch_loop.batch_progress.current.completed == 2
 
 

@@ -14,9 +14,8 @@ from datamodules.chestxray14 import ChestXray14DataModule
 from datamodules.resumable_sampler import apply_seeded, seeded_rng
 from datamodules.xray_transforms import build_xray_transform
 from recipes.vit_classifier import ViTClassifierModule
-from tests.conftest import TINY_VIT_KWARGS
+from tests.conftest import TINY_VIT_KWARGS, write_nih
 from tests.probe_callbacks import CrashAtStep
-from tests.test_xray_data import write_nih
 
 TINY = {**TINY_VIT_KWARGS, "depth": 2}
 

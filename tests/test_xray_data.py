@@ -1,9 +1,5 @@
 """Chest X-ray loaders: exact label vectors from hand-written rows, bad input, the phantom set, the image pipeline."""
 
-import csv
-import warnings
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,40 +10,7 @@ from datamodules.chexpert import CheXpertDataModule
 from datamodules.jsonl_records import DataError
 from datamodules.phantom_cxr import NIH_COLUMNS, NIH_LABELS
 from datamodules.xray_transforms import build_xray_transform, load_xray
-
-NIH_ROWS = [  # image, Finding Labels, patient
-    ("00000001_000.png", "Cardiomegaly|Effusion", "1"), ("00000001_001.png", "No Finding", "1"),
-    ("00000002_000.png", "Hernia", "2"), ("00000003_000.png", "Nodule|Mass|Pneumothorax", "3"),
-    ("00000004_000.png", "No Finding", "4"), ("00000005_000.png", "Atelectasis", "5"),
-]
-
-
-def write_png(path: Path, value: int = 100, size: int = 40, mode: str = "L") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.full((size, size), value, dtype=np.uint8)
-    arr[: size // 2] = 255 - value
-    Image.fromarray(arr).convert(mode).save(path)
-
-
-def write_nih(root: Path, rows=NIH_ROWS, columns=NIH_COLUMNS, test=("00000005_000.png",), extra_list=()) -> Path:
-    for i, (name, _, _) in enumerate(rows):
-        write_png(root / f"images_00{1 + i % 2}" / "images" / name)
-    with (root / "Data_Entry_2017.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for name, labels, patient in rows:
-            full = {"Image Index": name, "Finding Labels": labels, "Patient ID": patient, "View Position": "PA"}
-            writer.writerow([full.get(c, "0") for c in columns])
-    names = [r[0] for r in rows]
-    (root / "train_val_list.txt").write_text("\n".join([n for n in names if n not in test] + list(extra_list)) + "\n")
-    (root / "test_list.txt").write_text("\n".join(test) + "\n")
-    return root
-
-
-def nih(root: Path, **kwargs) -> ChestXray14DataModule:
-    dm = ChestXray14DataModule(root=str(root), image_size=32, batch_size=2, val_fraction=0.3, **kwargs)
-    dm.setup()
-    return dm
+from tests.conftest import CHEXPERT_HEADER, CHEXPERT_ROWS, NIH_ROWS, chexpert, nih, write_chexpert, write_nih, write_png
 
 
 def vector(*names: str) -> list[float]:
@@ -102,49 +65,6 @@ def test_nih_missing_column_is_an_error_naming_it(tmp_path):
     root = write_nih(tmp_path, columns=[c for c in NIH_COLUMNS if c != "Patient ID"])
     with pytest.raises(DataError, match=r"missing required column\(s\) \['Patient ID'\]"):
         nih(root, skip_bad=True)
-
-
-CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Cardiomegaly", "Edema",
-                   "Consolidation", "Atelectasis", "Pleural Effusion"]
-CHEXPERT_ROWS = [  # Cardiomegaly, Edema, Consolidation, Atelectasis, Pleural Effusion
-    ("patient00001/study1/view1_frontal.jpg", "Frontal", ["1.0", "-1.0", "", "-1.0", "0.0"]),
-    ("patient00001/study1/view2_lateral.jpg", "Lateral", ["1.0", "", "", "", ""]),
-    ("patient00002/study1/view1_frontal.jpg", "Frontal", ["-1.0", "1.0", "-1.0", "", "1.0"]),
-    ("patient00003/study1/view1_frontal.jpg", "Frontal", ["", "", "", "", ""]),
-    ("patient00004/study2/view1_frontal.jpg", "Frontal", ["0.0", "0.0", "1.0", "1.0", "-1.0"]),
-]
-
-
-def write_chexpert(tmp_path: Path, header=CHEXPERT_HEADER, rows=CHEXPERT_ROWS) -> Path:
-    base = tmp_path / "CheXpert-v1.0-small"
-    for split in ("train", "valid"):
-        with (base / f"{split}.csv").open("w", newline="") if base.exists() else _mk(base / f"{split}.csv") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for rel, view, values in rows:
-                if split == "valid":  # the test set's patients are other people (patient0... -> patient9...)
-                    rel = rel.replace("patient0", "patient9")
-                write_png(base / split / rel)
-                full = dict(zip(CHEXPERT_HEADER, ["CheXpert-v1.0-small/" + split + "/" + rel, "Female", "50", view,
-                                                  "PA", "", *values], strict=True))
-                writer.writerow([full[c] for c in header])
-    return base
-
-
-def _mk(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("w", newline="")
-
-
-def chexpert(root: Path, report_coverage: bool = False, **kwargs) -> CheXpertDataModule:
-    """Set up CheXpert from hand-written rows; these are too few for every label to have positive and negative
-    training entries, so the label-coverage report is silenced unless ``report_coverage``."""
-    dm = CheXpertDataModule(root=str(root), image_size=32, batch_size=2, val_fraction=0.3, **kwargs)
-    with warnings.catch_warnings():
-        if not report_coverage:
-            warnings.filterwarnings("ignore", r"CheXpert .* label\(s\) with no positive or no negative")
-        dm.setup()
-    return dm
 
 
 def test_chexpert_label_vectors_default_policy(tmp_path):

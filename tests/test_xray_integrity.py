@@ -1,5 +1,5 @@
 """Chest X-ray data integrity: test leakage, conflicting or incomplete rows, CheXpert views and label coverage,
-and high-bit-depth PNGs scaled by their real bit depth."""
+high-bit-depth PNGs scaled by their real bit depth, and damaged files or lists named in the error."""
 
 import csv
 
@@ -9,7 +9,16 @@ from PIL import Image, PngImagePlugin
 
 from datamodules.jsonl_records import DataError
 from datamodules.xray_transforms import bit_depth, load_xray
-from tests.test_xray_data import CHEXPERT_ROWS, NIH_ROWS, chexpert, nih, write_chexpert, write_nih, write_png
+from tests.conftest import (
+    CHEXPERT_HEADER,
+    CHEXPERT_ROWS,
+    NIH_ROWS,
+    chexpert,
+    nih,
+    write_chexpert,
+    write_nih,
+    write_png,
+)
 
 CSV = "Data_Entry_2017.csv"
 
@@ -149,3 +158,58 @@ def test_16bit_png_scaled_by_its_real_bit_depth(tmp_path):
     assert bit_depth(np.array([70000]), tmp_path / "r12.png") == 17
     full = np.array([[0, 65535]])
     assert np.asarray(load_xray(_png16(tmp_path / "f.png", full))).tolist() == [[0, 255]]
+
+
+IMAGE = "00000002_000.png"
+
+
+def _nih_image(root):
+    return next(root.rglob(IMAGE))
+
+
+def _truncate(root):
+    path = _nih_image(root)
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _float_mode(root):
+    """The name the CSV expects, with 32-bit float pixels (TIFF content behind the .png name)."""
+    Image.fromarray(np.full((40, 40), 0.5, dtype=np.float32), "F").save(_nih_image(root), format="TIFF")
+
+
+def _rewrite_csv(root, transform):
+    path = root / CSV
+    rows = list(csv.reader(path.open()))
+    path.write_text("".join(line + "\n" for line in transform(rows)))
+
+
+def _append_line(path, line):
+    path.write_text(path.read_text() + line + "\n")
+
+
+NIH_BAD_FILES = {  # a change to a valid NIH folder, and the error it must give
+    "truncated_png": (_truncate, rf"{IMAGE} is unreadable"),
+    "float_image_mode": (_float_mode, rf"{IMAGE} is unreadable \(mode 'F'"),
+    "csv_missing_column": (lambda r: _rewrite_csv(r, lambda rows: [",".join(x[:1] + x[2:]) for x in rows]),
+                           rf"{CSV}.*Finding Labels"),
+    "csv_bad_delimiter": (lambda r: _rewrite_csv(r, lambda rows: [";".join(x) for x in rows]),
+                          rf"{CSV}.*(column|Image Index)"),
+    "empty_test_split": (lambda r: (r / "test_list.txt").write_text("\n"), r"test_list.txt.*(empty|no )"),
+    "missing_split_file": (lambda r: (r / "test_list.txt").unlink(), r"test_list.txt"),
+    "image_listed_twice_in_split": (lambda r: _append_line(r / "train_val_list.txt", "00000002_000.png"),
+                                    r"train_val_list.txt:6: image '00000002_000.png' is listed again"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NIH_BAD_FILES))
+def test_nih_bad_input(case, tmp_path):
+    corrupt, pattern = NIH_BAD_FILES[case]
+    root = write_nih(tmp_path / "nih")
+    corrupt(root)
+    with pytest.raises((DataError, FileNotFoundError), match=pattern):
+        nih(root)
+
+
+def test_chexpert_missing_path_column_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"train.csv.*'Path'"):
+        chexpert(write_chexpert(tmp_path / "cx", header=[c for c in CHEXPERT_HEADER if c != "Path"]))

@@ -1,4 +1,4 @@
-"""A Lightning trainer for the LISA / OwLore tests, and their two-rank DDP run (``python sampling_helpers.py OUT``)."""
+"""LISA's two-rank DDP run on CPU, as a worker script (``python lisa_ddp_worker.py OUT``; see tests/test_lisa.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ import sys
 import lightning as L
 import torch
 
-from tests.conftest import TinyModule, tiny_loader
-
-
-def trainer(callbacks: list, max_steps: int, root, **kwargs) -> L.Trainer:
-    kwargs.setdefault("accelerator", "cpu")
-    kwargs.setdefault("devices", 1)
-    kwargs.setdefault("enable_checkpointing", False)
-    return L.Trainer(max_steps=max_steps, callbacks=callbacks, default_root_dir=root, logger=False,
-                     enable_progress_bar=False, enable_model_summary=False,
-                     log_every_n_steps=1, **kwargs)
+from tests.conftest import TinyModule, tiny_loader, trainer
 
 
 def _ddp_main(out_dir: str) -> None:
