@@ -1,5 +1,6 @@
 """Every recipe YAML parses, documents every setting in a comment, and smoke-runs `fit` for a couple of batches."""
 
+import importlib
 import re
 from pathlib import Path
 
@@ -36,6 +37,12 @@ _KEY = re.compile(r"^(?P<indent>\s*)(?:- )?(?P<key>[A-Za-z_][\w.]*):(?P<value>[^
 _STRUCTURE = {"trainer", "model", "data", "init_args", "callbacks", "class_path", "optimizer"}
 
 
+def import_object(class_path: str) -> type:
+    """The class a YAML's ``class_path`` names (``recipes.CausalLMModule``)."""
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
 def undocumented_keys(text: str) -> list[str]:
     """Settings with no comment: none at the end of the line, none on the line above, none on a parent key."""
     lines = text.splitlines()
@@ -68,7 +75,11 @@ def test_yaml_parses_and_every_key_is_commented(path: Path, cli_argv):
     assert {"model", "data", "trainer"} <= config.keys()
     assert undocumented_keys(text) == [], f"{path.name}: settings without a comment"
     cli = RecipesCLI(args=["--config", str(path), "--wandb=disabled"], run=False)
-    assert cli.model is not None and cli.datamodule is not None
+    # the CLI builds the classes the YAML names, with its trainer settings
+    assert type(cli.model) is import_object(config["model"]["class_path"])
+    assert type(cli.datamodule) is import_object(config["data"]["class_path"])
+    assert cli.trainer.max_steps == config["trainer"].get("max_steps", -1)
+    assert cli.trainer.precision == config["trainer"].get("precision", "32-true")
 
 
 # a one-batch validation of the X-ray recipes has labels without positives: the recipe says so, as it should

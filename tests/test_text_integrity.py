@@ -64,8 +64,10 @@ def test_characters_the_tokenizer_cannot_encode_name_the_record(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:2: the tokenizer cannot encode the character\(s\) "
                                         r"\['\\t', 'é', 'ï'\]; they would be trained as '<unk>'"):
         InstructionDataModule(train_file=path, val_file=path).setup()
-    tok = build_bpe_tokenizer()  # byte-level: every character encodes
-    assert encode_chat(tok, record_to_messages({"instruction": "naïve", "output": "café"}, "w"), 64, "w")
+    tok = build_bpe_tokenizer()  # byte-level: every character encodes, and the trained tokens decode back
+    example = encode_chat(tok, record_to_messages({"instruction": "naïve", "output": "café"}, "w"), 64, "w")
+    assert tok.unk_token_id not in example["input_ids"]
+    assert tok.decode(_trained(example), skip_special_tokens=True).strip() == "café"
 
 
 def test_falsy_but_present_fields_are_kept():

@@ -13,6 +13,7 @@ import pytest
 import tomllib
 import torch
 
+from callbacks import LISA
 from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR, resolve_config, resolve_config_args
 
@@ -35,23 +36,64 @@ def test_the_page_has_the_three_snippets():
     assert len(snippets()) == 3
 
 
-def test_lisa_on_a_custom_module_trains_sampled_blocks():
+@pytest.fixture
+def lisa_record(monkeypatch) -> dict:
+    """Records what LISA did in a snippet: the weights at fit start and every set of blocks it drew."""
+    record: dict = {"draws": []}
+    fit_start, switch = LISA.on_fit_start, LISA.switch
+
+    def on_fit_start(self, trainer, pl_module):
+        record["start"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        fit_start(self, trainer, pl_module)
+
+    def recording_switch(self, trainer, new_active):
+        record["draws"].append(list(new_active))
+        switch(self, trainer, new_active)
+
+    monkeypatch.setattr(LISA, "on_fit_start", on_fit_start)
+    monkeypatch.setattr(LISA, "switch", recording_switch)
+    return record
+
+
+def assert_lisa_trained_the_drawn_blocks(record: dict, trainer, blocks_prefix: str, n_blocks: int, n_draws: int):
+    """Exactly the blocks LISA drew moved; only the blocks active at the end hold optimizer state."""
+    assert len(record["draws"]) == n_draws
+    drawn = {i for draw in record["draws"] for i in draw}
+    module = trainer.lightning_module
+    now = module.state_dict()
+
+    def moved(prefix: str) -> bool:
+        return any(not torch.equal(now[k], v) for k, v in record["start"].items() if k.startswith(prefix))
+
+    assert {i for i in range(n_blocks) if moved(f"{blocks_prefix}.{i}.")} == drawn
+    assert drawn != set(range(n_blocks)), "every block was drawn: the test cannot tell frozen from trained"
+    held = {id(p) for p in trainer.optimizers[0].state}
+    names = dict(module.named_parameters())
+    for i in range(n_blocks):
+        params = [p for n, p in names.items() if n.startswith(f"{blocks_prefix}.{i}.")]
+        assert params and all((id(p) in held) == (i in record["draws"][-1]) for p in params), f"block {i}"
+
+
+def test_lisa_on_a_custom_module_trains_sampled_blocks(lisa_record):
     torch.manual_seed(0)
     ns = run_snippet("class MyLM")
-    lisa, module = ns["lisa"], ns["trainer"].lightning_module
-    assert ns["trainer"].global_step == 4 and len(lisa.active) == 2
-    optimizer = ns["trainer"].optimizers[0]
-    held = {id(p) for p in optimizer.state}
-    blocks = module.model.model.layers
-    inactive = [i for i in range(len(blocks)) if i not in lisa.active]
-    # the optimizer holds state only for the active blocks (and the always-on parts), never for frozen ones
-    assert all(id(p) not in held for i in inactive for p in blocks[i].parameters())
-    assert all(id(p) in held for i in lisa.active for p in blocks[i].parameters())
+    trainer = ns["trainer"]
+    assert trainer.global_step == 4 and ns["lisa"].active == lisa_record["draws"][-1]
+    assert [len(d) for d in lisa_record["draws"]] == [2, 2]  # n_layers=2, redrawn every 2 of the 4 steps
+    assert_lisa_trained_the_drawn_blocks(lisa_record, trainer, "model.model.layers", n_blocks=4, n_draws=2)
+    start, now = lisa_record["start"], trainer.lightning_module.state_dict()
+    assert not torch.equal(start["model.model.embed_tokens.weight"], now["model.model.embed_tokens.weight"])
 
 
-def test_lisa_on_a_timm_vit():
+def test_lisa_on_a_timm_vit(lisa_record):
+    torch.manual_seed(0)
     ns = run_snippet("class MyViT")
-    assert ns["trainer"].global_step == 3
+    trainer = ns["trainer"]
+    assert trainer.global_step == 3
+    assert [len(d) for d in lisa_record["draws"]] == [1, 1, 1]  # one block, redrawn every step
+    assert_lisa_trained_the_drawn_blocks(lisa_record, trainer, "net.blocks", n_blocks=4, n_draws=3)
+    start, now = lisa_record["start"], trainer.lightning_module.state_dict()
+    assert not torch.equal(start["net.head.weight"], now["net.head.weight"])
 
 
 def test_layer_drop_on_gpt2_drops_blocks():
