@@ -40,6 +40,7 @@ from datamodules.chestxray14 import ChestXray14DataModule  # noqa: E402
 from datamodules.chexpert import CheXpertDataModule  # noqa: E402
 from datamodules.phantom_cxr import NIH_COLUMNS  # noqa: E402
 from datamodules.verifiable_qa import VerifiableQADataModule  # noqa: E402
+from recipes.cli import CONFIG_DIR  # noqa: E402
 
 TINY_LM_CONFIG = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                   "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -322,3 +323,28 @@ def chexpert(root: Path, report_coverage: bool = False, **kwargs) -> CheXpertDat
 def cli_argv(monkeypatch):
     """An in-process CLI call passes its own arguments: the test runner's command line is hidden from it."""
     monkeypatch.setattr(sys, "argv", ["recipes"])
+
+
+# ---------------------------------------------------------------- recipe smoke runs (every packaged YAML)
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+SMOKE_ARGS = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+              "--trainer.check_val_every_n_epoch=1", "--trainer.val_check_interval=1.0", "--trainer.max_epochs=1",
+              "--trainer.enable_checkpointing=false", "--trainer.accelerator=cpu", "--wandb=disabled",
+              "--trainer.log_every_n_steps=1"]
+# Recipe-specific settings that keep a smoke run small (e.g. fewer calibration batches).
+_SMALL_PHANTOM = ["--data.phantom_patients=8", "--data.phantom_image_size=64", "--data.batch_size=4"]
+EXTRA_SMOKE_ARGS: dict[str, list[str]] = {
+    "mae_pretrain_cxr": _SMALL_PHANTOM,
+    "vit_finetune_cxr": _SMALL_PHANTOM,
+    "vit_finetune_chexpert": _SMALL_PHANTOM,
+    "grpo_llds": ["--model.init_args.sft_steps=2", "--model.init_args.num_generations=2",
+                  "--model.init_args.max_new_tokens=4", "--data.init_args.synthetic_sft_size=64",
+                  "--data.init_args.synthetic_train_size=32", "--data.init_args.synthetic_val_size=8",
+                  "--data.init_args.val_batch_size=8"],
+    "grpo_crc": ["--model.init_args.sft_steps=2", "--model.init_args.num_generations=2",
+                 "--model.init_args.max_new_tokens=4", "--data.init_args.synthetic_sft_size=64",
+                 "--data.init_args.synthetic_train_size=32", "--data.init_args.synthetic_val_size=8",
+                 "--data.init_args.val_batch_size=8"],
+}
+# the tiny phantom validation leaves some labels without a positive: AUROC undefined there
+TINY_VAL_AUROC = pytest.mark.filterwarnings("ignore:.*AUROC undefined")

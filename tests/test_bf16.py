@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recipes.cli import RecipesCLI
-from tests.test_configs import CONFIGS, EXTRA_SMOKE_ARGS, SMOKE_ARGS, TINY_VAL_AUROC
+from tests.conftest import CONFIGS, EXTRA_SMOKE_ARGS, SMOKE_ARGS, TINY_VAL_AUROC
 
 PRECISIONS = {"bf16-true": torch.bfloat16, "bf16-mixed": torch.float32}
 

@@ -8,29 +8,8 @@ import pytest
 import yaml
 
 from recipes.__main__ import main
-from recipes.cli import CONFIG_DIR, RecipesCLI, recipe_summaries
-
-CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
-SMOKE_ARGS = ["--trainer.max_steps=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-              "--trainer.check_val_every_n_epoch=1", "--trainer.val_check_interval=1.0", "--trainer.max_epochs=1",
-              "--trainer.enable_checkpointing=false", "--trainer.accelerator=cpu", "--wandb=disabled",
-              "--trainer.log_every_n_steps=1"]
-# Recipe-specific settings that keep a smoke run small (e.g. fewer calibration batches).
-_SMALL_PHANTOM = ["--data.phantom_patients=8", "--data.phantom_image_size=64", "--data.batch_size=4"]
-EXTRA_SMOKE_ARGS: dict[str, list[str]] = {
-    "mae_pretrain_cxr": _SMALL_PHANTOM,
-    "vit_finetune_cxr": _SMALL_PHANTOM,
-    "vit_finetune_chexpert": _SMALL_PHANTOM,
-    "grpo_llds": ["--model.init_args.sft_steps=2", "--model.init_args.num_generations=2",
-                  "--model.init_args.max_new_tokens=4", "--data.init_args.synthetic_sft_size=64",
-                  "--data.init_args.synthetic_train_size=32", "--data.init_args.synthetic_val_size=8",
-                  "--data.init_args.val_batch_size=8"],
-    "grpo_crc": ["--model.init_args.sft_steps=2", "--model.init_args.num_generations=2",
-                 "--model.init_args.max_new_tokens=4", "--data.init_args.synthetic_sft_size=64",
-                 "--data.init_args.synthetic_train_size=32", "--data.init_args.synthetic_val_size=8",
-                 "--data.init_args.val_batch_size=8"],
-}
-
+from recipes.cli import RecipesCLI, recipe_summaries
+from tests.conftest import CONFIGS, EXTRA_SMOKE_ARGS, SMOKE_ARGS, TINY_VAL_AUROC
 
 _KEY = re.compile(r"^(?P<indent>\s*)(?:- )?(?P<key>[A-Za-z_][\w.]*):(?P<value>[^#]*)(?P<comment>#.*)?$")
 # section and class keys, self-explanatory in a Lightning CLI config
@@ -83,7 +62,6 @@ def test_yaml_parses_and_every_key_is_commented(path: Path, cli_argv):
 
 
 # a one-batch validation of the X-ray recipes has labels without positives: the recipe says so, as it should
-TINY_VAL_AUROC = pytest.mark.filterwarnings("ignore:.*AUROC undefined")
 
 
 @TINY_VAL_AUROC

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_configs import CONFIGS, EXTRA_SMOKE_ARGS
+from tests.conftest import CONFIGS, EXTRA_SMOKE_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from recipes.__main__ import main
-from tests.test_configs import CONFIGS, EXTRA_SMOKE_ARGS, TINY_VAL_AUROC
+from tests.conftest import CONFIGS, EXTRA_SMOKE_ARGS, TINY_VAL_AUROC
 
 STEPS, CRASH = 6, 3
 # Recipe-specific settings: small batches, and the crash falling mid-interval / mid-schedule of the callbacks

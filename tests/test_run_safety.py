@@ -16,8 +16,8 @@ from recipes.__main__ import main
 from recipes.causal_lm import CausalLMModule
 from recipes.cli import CONFIG_DIR
 from recipes.parts.loggers import check_log_dir
+from tests.conftest import SMOKE_ARGS
 from tests.conftest import TINY_LM_CONFIG as TINY
-from tests.test_configs import SMOKE_ARGS
 
 
 class PoisonedAtStep(CausalLMModule):
