@@ -15,8 +15,8 @@ from datamodules.rewards import GSM8KReward, QAExactMatch
 from datamodules.tokenizer import build_char_tokenizer
 from datamodules.verifiable_qa import read_verifiable_file
 from datamodules.xray_transforms import build_xray_transform, load_xray
-from recipes.parts.answer_span import answer_mask
-from recipes.parts.grpo_loss import aggregate
+from recipes.grpo.answer_span import answer_mask
+from recipes.grpo.loss import aggregate
 from tests.test_answer_span import CountingTokenizer
 from tests.test_xray_data import CHEXPERT_ROWS, chexpert, nih, write_chexpert, write_nih
 from tests.tokenizer_helpers import build_bpe_tokenizer

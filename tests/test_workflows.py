@@ -21,8 +21,8 @@ from callbacks.mae_reconstruction import MAEReconstructionLogger, to_uint8_hwc
 from callbacks.progress import StepProgressBar
 from datamodules.tokenizer import load_tokenizer
 from recipes.cli import CONFIG_DIR, RecipesCLI, main
+from recipes.grpo.checks import ZeroRewardStreak, check_sft_fits_verifier
 from recipes.parts.auroc import log_auroc_table, write_auroc_table
-from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier
 from recipes.parts.hf_model import build_causal_lm
 from recipes.parts.loggers import default_loggers, eval_loggers
 from tests.test_grpo_module import TINY, data, fit, module

@@ -20,10 +20,10 @@ from transformers import PreTrainedTokenizerBase
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
-from recipes.parts import answer_span
-from recipes.parts.completion_logprobs import completion_logits, completion_logprobs
-from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier, load_sft_state, read_sft_checkpoint
-from recipes.parts.grpo_loss import (
+from recipes.grpo import answer_span
+from recipes.grpo.checks import ZeroRewardStreak, check_sft_fits_verifier, load_sft_state, read_sft_checkpoint
+from recipes.grpo.logprobs import completion_logits, completion_logprobs
+from recipes.grpo.loss import (
     AGGREGATIONS,
     SCALES,
     aggregate,
@@ -32,10 +32,10 @@ from recipes.parts.grpo_loss import (
     group_advantages,
     k3_kl,
 )
+from recipes.grpo.rollout import Rollout
+from recipes.grpo.sft_warmup import sft_warmup
 from recipes.parts.hf_model import build_causal_lm, check_sequence_lengths, module_tokenizer
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
-from recipes.parts.rollout import Rollout
-from recipes.parts.sft_warmup import sft_warmup
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -409,3 +409,7 @@ class GRPOModule(L.LightningModule):
 
 def _add(stats: dict[str, list[torch.Tensor]], key: str, value: torch.Tensor) -> None:
     stats.setdefault(key, []).append(value)
+
+
+# Its public home: checkpoints, ``python -m recipes export`` and the YAMLs name it ``recipes.grpo.GRPOModule``.
+GRPOModule.__module__ = "recipes.grpo"
