@@ -3,12 +3,12 @@
 - ``module``: ``GRPOModule``, the LightningModule (rollouts, the update loop, validation, the start from an SFT
   checkpoint). ``recipes.grpo.GRPOModule`` and ``recipes.GRPOModule`` name it.
 - ``loss``: advantages, per-token log-probs, clipped surrogate, k3 KL and aggregation as tensor functions.
-- ``rollout``: one rollout batch (completions, rewards, advantages, log-probs) as a dataclass.
+- ``rollout``: one rollout batch: sampling its completions, scoring them, the ``Rollout`` dataclass, its statistics.
 - ``logprobs``: per-token log-probs and entropies of sampled completions under a causal LM.
 - ``answer_span``: the final-answer tokens of sampled completions (for loss terms that ask for them).
 - ``sft_start``: reading an SFT (``CausalLMModule``) checkpoint: its architecture, weights and data settings.
 - ``sft_warmup``: the optional supervised warm-up on the data module's ``sft`` split.
-- ``checks``: an SFT start the verifier cannot reward, and streaks of all-zero rewards.
+- ``checks``: sequences beyond the model's positions, an SFT start the verifier cannot reward, all-zero rewards.
 
 The per-token batch a registered loss term receives, ``callbacks.core.PolicyTokens``, lives in ``callbacks`` (the
 LLDS callback uses it). ``GRPOModule`` is imported lazily, so the tensor functions load without Lightning.
