@@ -94,7 +94,7 @@ def grpo_check(smoke: bool) -> dict:
 
     from datamodules.tokenizer import build_char_tokenizer
     from recipes.grpo import GRPOModule
-    from recipes.parts.rollout import Rollout
+    from recipes.grpo.rollout import Rollout
 
     cuda = not smoke
     device = torch.device("cuda" if cuda else "cpu")

@@ -33,7 +33,7 @@ from peak_memory import phase_report, phase_start, run_child  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from recipes.grpo import GRPOModule  # noqa: E402
-from recipes.parts.rollout import Rollout  # noqa: E402
+from recipes.grpo.rollout import Rollout  # noqa: E402
 
 KL_COEF = 0.04
 

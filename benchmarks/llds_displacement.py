@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from callbacks.llds import LLDS  # noqa: E402
 from datamodules.verifiable_qa import VerifiableQADataModule  # noqa: E402
 from recipes.grpo import GRPOModule  # noqa: E402
-from recipes.parts.grpo_loss import token_logprobs  # noqa: E402
+from recipes.grpo.loss import token_logprobs  # noqa: E402
 
 
 class Probe(L.Callback):

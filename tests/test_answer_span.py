@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datamodules.tokenizer import build_char_tokenizer
-from recipes.parts.answer_span import answer_mask, answer_start
+from recipes.grpo.answer_span import answer_mask, answer_start
 from tests.conftest import build_bpe_tokenizer
 
 PIECES = ["so", " ", "\n", "####", "12", "7", "the", "é", "</s>", "<|im_end|>", ".", "  ", "ab", "1,000"]

@@ -28,7 +28,6 @@ from tests.conftest import TINY_LM_CONFIG
 ROOT = Path(__file__).resolve().parents[1]
 # the only product files that call torch.load: our checkpoints, and the MAE encoder file (another format)
 TORCH_LOADERS = {"recipes/checkpoints.py", "recipes/parts/vit_checkpoint.py"}
-PENDING = {"recipes/parts/grpo_checks.py"}  # being moved onto recipes.checkpoints on another branch
 
 
 def test_only_the_checkpoint_reader_calls_torch_load():
@@ -39,7 +38,7 @@ def test_only_the_checkpoint_reader_calls_torch_load():
                 if isinstance(node, ast.Attribute) and node.attr == "load" and getattr(node.value, "id", "") == "torch":
                     callers.add(str(path.relative_to(ROOT)))
     assert "recipes/checkpoints.py" in callers
-    assert callers - PENDING <= TORCH_LOADERS
+    assert callers == TORCH_LOADERS
 
 
 def _save(path: Path, **content) -> Path:

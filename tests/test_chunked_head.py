@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from recipes.grpo.loss import token_entropy, token_logprobs
 from recipes.parts.chunked_head import chunked_cross_entropy, chunked_token_logprobs, last_hidden_state, split_lm
-from recipes.parts.grpo_loss import token_entropy, token_logprobs
 from tests.conftest import TINY_LM_CONFIG
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from recipes.parts.grpo_loss import (
+from recipes.grpo.loss import (
     aggregate,
     clipped_surrogate,
     completion_mask,

@@ -7,6 +7,7 @@ import torch
 from callbacks.llds import LLDS
 from datamodules.chat_encoding import pad
 from recipes.grpo import GRPOModule
+from recipes.grpo.rollout import Rollout, rollout_metrics
 from tests.conftest import TINY_LM_CONFIG as TINY
 from tests.conftest import fit_grpo, grpo_data, grpo_module
 
@@ -18,10 +19,10 @@ class OldPolicyCheck(GRPOModule):
         super().__init__(**kwargs)
         self.old_vs_sampler: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def mini_batch_loss(self, rollout, idx, stats):
+    def mini_batch_loss(self, rollout, idx, stats, forward=None):
         with torch.no_grad():  # before this mini-batch's update: the weights that sampled the rollout (mu = 1)
             sampler, _ = self.completion_logprobs(self.model, *rollout.inputs(idx))
-        loss = super().mini_batch_loss(rollout, idx, stats)
+        loss = super().mini_batch_loss(rollout, idx, stats, forward)
         self.old_vs_sampler.append((rollout.old_logp[idx], sampler))
         return loss
 
@@ -151,3 +152,62 @@ def test_answer_mask_marks_final_answer_span():
     mask = m.answer_mask(completion, cmask, texts)
     assert mask[0].tolist() == [False] * 5 + [True] * 8  # "#### 12" and EOS
     assert mask[1].tolist() == [True] * 7 + [False] * 6  # no marker, one line: the whole completion
+
+
+def _hand_rollout(m: GRPOModule, prompts: int = 2) -> Rollout:
+    """A rollout batch sampled by ``m`` with fixed advantages (no trainer, no verifier)."""
+    tok = m.tokenizer
+    ids = pad([tok(f"{i}+{i}=", add_special_tokens=False)["input_ids"] for i in range(prompts)], tok.pad_token_id)
+    prompt_ids, prompt_mask = ids, (ids != tok.pad_token_id).long()
+    g = m.hparams.num_generations
+    completion, cmask = m.generate(prompt_ids, prompt_mask, g)
+    n = completion.shape[0]
+    valid = torch.ones(n, dtype=torch.bool)
+    return Rollout(prompt_ids=prompt_ids.repeat_interleave(g, 0), prompt_mask=prompt_mask.repeat_interleave(g, 0),
+                   completion=completion, cmask=cmask, rewards=torch.arange(n).float() % 2, correct=valid,
+                   valid=valid, advantages=torch.linspace(-1, 1, n), loss_mask=cmask)
+
+
+def _count_forwards(m: GRPOModule) -> list[int]:
+    calls = [0]
+    m.model.get_input_embeddings().register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_one_update_old_logp_is_the_update_forward(chunk):
+    """With one update per rollout, rollout_logprobs fills old_logp from the update's own forward, before any update:
+    the rollout can be logged first, the update spends no second forward, and the loss is the same as with one."""
+    torch.manual_seed(0)
+    m = GRPOModule(model_config=TINY, tokenizer_name="char", num_generations=3, max_new_tokens=5, mu=1,
+                   num_mini_batches=1, logprob_chunk_size=chunk)
+    m.configure_model()
+    rollout = _hand_rollout(m)
+    calls = _count_forwards(m)
+    forward = m.rollout_logprobs(rollout)
+    assert calls[0] == 1 and forward[0].requires_grad and not rollout.old_logp.requires_grad
+    assert torch.equal(rollout.old_logp, forward[0].detach())
+    assert set(rollout_metrics(rollout)) >= {"grpo/reward_mean", "grpo/logp_correct"}  # logged before the updates
+    [idx] = list(m.mini_batches(rollout.n))
+    stats = {}
+    loss = m.mini_batch_loss(rollout, idx, stats, forward)
+    assert calls[0] == 1  # the update reused the forward
+    assert stats["grpo/ratio"][0].item() == 1.0 and stats["grpo/clip_fraction"][0].item() == 0.0
+    fresh = m.mini_batch_loss(rollout, idx, {})  # the same loss from a forward of its own
+    assert calls[0] == 2 and torch.equal(loss, fresh)
+    loss.backward()
+    assert all(p.grad is not None for p in m.model.parameters() if p.requires_grad)
+
+
+def test_several_updates_old_logp_is_a_no_grad_pass():
+    torch.manual_seed(0)
+    m = GRPOModule(model_config=TINY, tokenizer_name="char", num_generations=3, max_new_tokens=5, mu=2,
+                   num_mini_batches=2, logprob_batch_size=4)
+    m.configure_model()
+    rollout = _hand_rollout(m)  # 6 completions: 2 no-grad forwards of 4 and 2
+    calls = _count_forwards(m)
+    assert m.rollout_logprobs(rollout) is None
+    assert calls[0] == 2 and not rollout.old_logp.requires_grad
+    with torch.no_grad():
+        expected, _ = m.completion_logprobs(m.model, *rollout.inputs(slice(None)))
+    torch.testing.assert_close(rollout.old_logp, expected, rtol=0, atol=1e-6)

@@ -37,9 +37,9 @@ def test_lower_packages_never_import_upward(package):
 def test_checker_sees_plain_and_nested_imports(tmp_path, monkeypatch):
     monkeypatch.setattr("tests.test_layering.ROOT", tmp_path)
     bad = tmp_path / "bad.py"
-    bad.write_text("import os\ndef f():\n    from recipes.parts.grpo_loss import aggregate\n"
+    bad.write_text("import os\ndef f():\n    from recipes.grpo.loss import aggregate\n"
                    "import datamodules.rewards\n")
-    assert upward_imports(bad, {"recipes", "datamodules"}) == ["bad.py:3 recipes.parts.grpo_loss",
+    assert upward_imports(bad, {"recipes", "datamodules"}) == ["bad.py:3 recipes.grpo.loss",
                                                                  "bad.py:4 datamodules.rewards"]
 
 

@@ -22,8 +22,8 @@ from callbacks.progress import StepProgressBar
 from datamodules.tokenizer import load_tokenizer
 from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR, RecipesCLI
+from recipes.grpo.checks import ZeroRewardStreak, check_sft_fits_verifier
 from recipes.parts.auroc import log_auroc_table, write_auroc_table
-from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier
 from recipes.parts.hf_model import build_causal_lm
 from recipes.parts.loggers import default_loggers, eval_loggers
 from tests.conftest import TINY_LM_CONFIG as TINY

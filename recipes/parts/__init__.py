@@ -1,7 +1,6 @@
 """Building blocks the LightningModules share: each file is one concept.
 
-- ``grpo_loss``: GRPO's advantages, surrogate, KL and aggregation as tensor functions.
-- ``rollout``: one GRPO rollout batch (completions, rewards, advantages, log-probs) and the answer-token mask.
+- ``chunked_head``: next-token log-probs, entropies and cross-entropy a chunk of positions at a time.
 - ``mae_masking``: MAE's patchify, random masking, masked MSE and 2-D sin-cos position embeddings.
 - ``auroc``: the masked multi-label AUROC and its CSV/PNG table.
 - ``optim``: optimizer set-up: decay/no-decay groups, ViT layer-decay groups, warm-up + cosine, LR scaling.

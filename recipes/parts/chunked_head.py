@@ -68,7 +68,7 @@ def chunked_token_logprobs(hidden: torch.Tensor, head: nn.Module, targets: torch
 
     ``hidden`` [N, T, H] is aligned with ``targets`` [N, T] (the state that predicts each target). Returns the
     log-probs [N, T] (differentiable) and, with ``entropy``, the entropy of each position's distribution [N, T]
-    (detached: a statistic), both in fp32. Equal to ``grpo_loss.token_logprobs(head(hidden), targets)``.
+    (detached: a statistic), both in fp32. Equal to ``recipes.grpo.loss.token_logprobs(head(hidden), targets)``.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")

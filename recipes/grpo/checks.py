@@ -1,5 +1,5 @@
-"""GRPO's start from an SFT checkpoint, and the checks that keep a run from training on nothing: an SFT start whose
-answers the verifier cannot read, and rollout batches whose rewards are all zero."""
+"""GRPO's checks: sequences that would not fit the model's positions, and what keeps a run from training on nothing
+(an SFT start whose answers the verifier cannot read, rollout batches whose rewards are all zero)."""
 
 from __future__ import annotations
 
@@ -10,26 +10,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.jsonl_records import read_instruction_file
 from datamodules.rewards import GSM8KReward, RewardFn
+from recipes.parts.hf_model import check_sequence_lengths
 
 
-def read_sft_checkpoint(path: str | Path) -> dict:
-    """A ``CausalLMModule`` checkpoint (``state_dict``, ``hyper_parameters``, ``datamodule_hyper_parameters``)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"sft_checkpoint {path} does not exist (a CausalLMModule checkpoint)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a local file the user names
-    ckpt.setdefault("hyper_parameters", {})
-    return ckpt
-
-
-def load_sft_state(model: torch.nn.Module, path: str | Path) -> dict:
-    """Load the SFT checkpoint's weights into ``model``; returns the data hyper-parameters it was trained with."""
-    ckpt = read_sft_checkpoint(path)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the model (a LoRA checkpoint must be exported merged first: "
-                         f"python -m recipes export): missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return dict(ckpt.get("datamodule_hyper_parameters") or {})
+def check_sequence_budget(model: torch.nn.Module, datasets: dict, budget: int, sft_steps: int) -> None:
+    """The longest prompt of ``datasets`` (train and val) plus the completion ``budget``, and with a warm-up
+    (``sft_steps > 0``) the longest SFT example, must fit the model's positions."""
+    prompts = [len(r["prompt_ids"]) for split in ("train", "val") for r in datasets.get(split, [])]
+    lengths = {}
+    if prompts:
+        lengths[f"longest prompt ({max(prompts)}) + max_new_tokens ({budget})"] = max(prompts) + budget
+    if sft_steps > 0 and datasets.get("sft"):
+        lengths["longest SFT warm-up example (data.sft_max_length)"] = max(len(e["input_ids"]) for e in datasets["sft"])
+    check_sequence_lengths(model, lengths)
 
 
 def sft_answers_have_marker(data_hparams: dict) -> bool | None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from recipes.grpo.loss import token_entropy, token_logprobs
 from recipes.parts.chunked_head import chunked_token_logprobs, last_hidden_state, split_lm
-from recipes.parts.grpo_loss import token_entropy, token_logprobs
 
 
 def _inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor,

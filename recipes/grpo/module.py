@@ -20,23 +20,23 @@ from transformers import PreTrainedTokenizerBase
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
-from recipes.checkpoints import record_module_class
-from recipes.parts import answer_span
-from recipes.parts.completion_logprobs import completion_logits, completion_logprobs
-from recipes.parts.grpo_checks import ZeroRewardStreak, check_sft_fits_verifier, load_sft_state, read_sft_checkpoint
-from recipes.parts.grpo_loss import (
+from recipes.checkpoints import CheckpointError, record_module_class
+from recipes.grpo import answer_span
+from recipes.grpo.checks import ZeroRewardStreak, check_sequence_budget, check_sft_fits_verifier
+from recipes.grpo.logprobs import completion_logits, completion_logprobs
+from recipes.grpo.loss import (
     AGGREGATIONS,
     SCALES,
     aggregate,
     clipped_surrogate,
-    completion_mask,
     group_advantages,
     k3_kl,
 )
-from recipes.parts.hf_model import build_causal_lm, check_sequence_lengths, module_tokenizer
+from recipes.grpo.rollout import Rollout, rollout_metrics, sample_completions, score_completions
+from recipes.grpo.sft_start import load_sft_weights, read_sft_checkpoint, sft_architecture, sft_data_settings
+from recipes.grpo.sft_warmup import sft_warmup
+from recipes.parts.hf_model import build_causal_lm, module_tokenizer
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
-from recipes.parts.rollout import Rollout
-from recipes.parts.sft_warmup import sft_warmup
 
 LossTerm = Callable[[PolicyTokens], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -133,8 +133,7 @@ class GRPOModule(L.LightningModule):
         self.loss_terms: dict[str, LossTerm] = {}
         self._answer_mask_terms: set[str] = set()
         self._reference: list[torch.nn.Module] = []  # a list keeps the frozen copy out of state_dict and optimizer
-        self._sft_done = False
-        self._sft_loaded = False
+        self._warmup_done = False  # saved as the checkpoint's ``grpo_sft_done``: the warm-up runs once per run
         self._verifier: RewardFn | None = None
         self._sft_data_hparams: dict | None = None  # what the sft_checkpoint was trained on
         self._zero_rewards = ZeroRewardStreak(zero_reward_patience)
@@ -145,25 +144,32 @@ class GRPOModule(L.LightningModule):
         return self.hparams.mu * self.hparams.num_mini_batches
 
     def configure_model(self) -> None:
-        """Build the policy. Under a trainer the ``sft_checkpoint`` weights are loaded at fit start (unless a GRPO
-        checkpoint is restored), so validating or resuming a GRPO checkpoint never needs the SFT file."""
+        """Build the policy once: from ``sft_checkpoint`` when one is given (:meth:`start_from_sft`), else from
+        ``model_path`` / ``model_config``. Under a trainer a missing ``sft_checkpoint`` file is left to the GRPO
+        checkpoint being restored (:meth:`on_load_checkpoint`), so validating or resuming never needs the SFT file."""
         if self.model is not None or (self.tokenizer is None and self._trainer is None):
             return  # without a tokenizer yet (load_from_checkpoint), on_load_checkpoint builds it
-        hp = self.hparams
-        if hp.sft_checkpoint is not None and hp.model_path is None and hp.model_config is None:
-            if not Path(hp.sft_checkpoint).is_file() and self._trainer is not None:
-                return  # built in on_load_checkpoint from the GRPO checkpoint's own hyper-parameters
-            sft_hp = read_sft_checkpoint(hp.sft_checkpoint)["hyper_parameters"]
-            hp.model_config = sft_hp.get("model_config")  # saved with this module's checkpoints
-            hp.model_path = sft_hp.get("model_path")
-        self.model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
-        if self._trainer is None:
-            self._load_sft_state()
+        sft = self.hparams.sft_checkpoint
+        if sft is None:
+            self.model = self._build_policy()
+        elif self._trainer is None or Path(sft).is_file():
+            self.start_from_sft()
 
-    def _load_sft_state(self) -> None:
-        if self.hparams.sft_checkpoint is not None and not self._sft_loaded:
-            self._sft_data_hparams = load_sft_state(self.model, self.hparams.sft_checkpoint)
-        self._sft_loaded = True
+    def start_from_sft(self) -> None:
+        """Start from ``sft_checkpoint``, the one place that reads it: take its architecture (unless ``model_path`` or
+        ``model_config`` gives one), build the policy with its weights, and record the data settings it was trained
+        on (checked against the verifier at fit start). The architecture goes into this module's hyper-parameters,
+        so its own checkpoints never need the SFT file; restoring one overwrites these weights."""
+        hp = self.hparams
+        ckpt = read_sft_checkpoint(hp.sft_checkpoint)
+        if hp.model_path is None and hp.model_config is None:
+            hp.model_path, hp.model_config = sft_architecture(ckpt)
+        self.model = self._build_policy()
+        load_sft_weights(self.model, ckpt, hp.sft_checkpoint)
+        self._sft_data_hparams = sft_data_settings(ckpt)
+
+    def _build_policy(self) -> torch.nn.Module:
+        return build_causal_lm(self.hparams.model_path, self.hparams.model_config, module_tokenizer(self))
 
     def register_loss_term(self, name: str, fn: LossTerm, needs_answer_mask: bool = False) -> None:
         """Add ``fn(PolicyTokens) -> loss`` (or ``(loss, {metric: value})``) to every mini-batch's loss.
@@ -176,72 +182,47 @@ class GRPOModule(L.LightningModule):
             self._answer_mask_terms.add(name)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["grpo_sft_done"] = self._sft_done
+        checkpoint["grpo_sft_done"] = self._warmup_done
         record_module_class(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._sft_done = checkpoint.get("grpo_sft_done", False)
-        self._sft_loaded = True  # the checkpoint holds the weights
+        """Restore the warm-up flag; without a policy yet (``load_from_checkpoint``, or ``sft_checkpoint`` gone) build
+        it from the checkpoint's own hyper-parameters: its weights follow from the checkpoint."""
+        self._warmup_done = checkpoint.get("grpo_sft_done", False)
+        if self.model is not None:
+            return
         if self.tokenizer is None and self._trainer is None:  # load_from_checkpoint
             self.tokenizer = load_tokenizer(checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer", "char"))
-        if self.model is None:
-            saved = checkpoint.get("hyper_parameters", {})
-            self.hparams.model_config = self.hparams.model_config or saved.get("model_config")
-            self.hparams.model_path = self.hparams.model_path or saved.get("model_path")
-        self.configure_model()
+        saved = checkpoint.get("hyper_parameters", {})
+        self.hparams.model_config = self.hparams.model_config or saved.get("model_config")
+        self.hparams.model_path = self.hparams.model_path or saved.get("model_path")
+        self.model = self._build_policy()
 
     def on_fit_start(self) -> None:
-        self._load_sft_state()
-        self._check_sequence_lengths()
-        if self.hparams.sft_steps > 0 and not self._sft_done:
-            self._sft_warmup()
-        self._sft_done = True
-        if self.hparams.kl_coef > 0 and not self._reference:
-            reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-            self._reference.append(reference)
-        self._verifier = self.trainer.datamodule.reward_fn()
-        if self.hparams.sft_checkpoint and self.reward_funcs is None:
-            check_sft_fits_verifier(self._sft_data_hparams, self._verifier, self.hparams.sft_checkpoint)
-
-    def _check_sequence_lengths(self) -> None:
-        """The longest prompt plus the completion budget, and the warm-up examples, must fit the model's positions."""
-        hp, data = self.hparams, getattr(self.trainer.datamodule, "datasets", {})
-        budget = max(hp.max_new_tokens, hp.val_max_new_tokens or 0)
-        prompts = [len(r["prompt_ids"]) for split in ("train", "val") for r in data.get(split, [])]
-        lengths = {}
-        if prompts:
-            lengths[f"longest prompt ({max(prompts)}) + max_new_tokens ({budget})"] = max(prompts) + budget
-        if hp.sft_steps > 0 and data.get("sft"):
-            lengths["longest SFT warm-up example (data.sft_max_length)"] = max(len(e["input_ids"]) for e in data["sft"])
-        check_sequence_lengths(self.model, lengths)
-
-    def _sft_warmup(self) -> None:
-        hp = self.hparams
-        sft_warmup(self.model, self.trainer.datamodule.sft_dataloader(), hp.sft_steps, hp.sft_lr, self.device)
+        """Check the sequence budget, run the SFT warm-up once, freeze the KL reference, check the SFT start."""
+        hp, data = self.hparams, self.trainer.datamodule
+        check_sequence_budget(self.model, getattr(data, "datasets", {}),
+                              max(hp.max_new_tokens, hp.val_max_new_tokens or 0), hp.sft_steps)
+        if hp.sft_steps > 0 and not self._warmup_done:
+            sft_warmup(self.model, data.sft_dataloader(), hp.sft_steps, hp.sft_lr, self.device)
+        self._warmup_done = True
+        if hp.kl_coef > 0 and not self._reference:
+            self._reference.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+        self._verifier = data.reward_fn()
+        if hp.sft_checkpoint and self.reward_funcs is None:
+            check_sft_fits_verifier(self._sft_data_hparams, self._verifier, hp.sft_checkpoint)
 
     # ------------------------------------------------------------------------------------------ rollouts
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num: int, greedy: bool = False,
                  max_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``num`` completions per prompt in one batched ``generate`` call with the KV cache.
-
-        Returns completion ids [P * num, T] (prompt-major: the ``num`` samples of a prompt are consecutive) and
-        their mask (1 up to and including the first EOS).
-        """
-        tokenizer = module_tokenizer(self)
+        """``num`` completions per prompt at the rollout's sampling settings (or greedy), in one batched ``generate``
+        call with the KV cache: ids [P * num, T], prompt-major, and their mask (see ``sample_completions``)."""
         hp = self.hparams
-        ids, mask = prompt_ids.repeat_interleave(num, 0), prompt_mask.repeat_interleave(num, 0)
-        was_training = self.model.training
-        self.model.eval()
         sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": hp.temperature,
                                                         "top_p": hp.top_p, "top_k": 0}
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens or
-                                  hp.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
-        self.model.train(was_training)
-        completion = out[:, ids.shape[1]:]
-        cmask = completion_mask(completion, tokenizer.eos_token_id)
-        return completion.masked_fill(cmask == 0, tokenizer.pad_token_id), cmask
+        return sample_completions(self.model, module_tokenizer(self), prompt_ids, prompt_mask, num,
+                                  max_new_tokens or hp.max_new_tokens, sampling)
 
     def policy_logits(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                       completion: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
@@ -266,18 +247,6 @@ class GRPOModule(L.LightningModule):
         return torch.cat([self.completion_logprobs(model, *rollout.inputs(slice(i, i + size)))[0]
                           for i in range(0, n, size)])
 
-    def _rewards(self, prompts: list[str], texts: list[str], columns: dict[str, list]):
-        drop = self.hparams.drop_bad_rewards
-        verifier_rewards, valid = compute_rewards(self._verifier or self.trainer.datamodule.reward_fn(), prompts,
-                                                  texts, columns, drop)
-        if self.reward_funcs is None:
-            return verifier_rewards, verifier_rewards > 0.5, valid
-        total = torch.zeros(len(texts))
-        for fn in self.reward_funcs:
-            r, ok = compute_rewards(fn, prompts, texts, columns, drop)
-            total, valid = total + r, valid & ok
-        return total, verifier_rewards > 0.5, valid
-
     def answer_mask(self, completion: torch.Tensor, cmask: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Tokens of the final answer: from the last ``####`` (or the last line) to the end of the completion."""
         return answer_span.answer_mask(module_tokenizer(self), completion, cmask, texts)
@@ -286,11 +255,13 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         """One rollout batch: sample and score completions, then ``mu`` passes of mini-batch updates."""
         rollout = self.rollout(batch)
-        self.rollout_logprobs(rollout)
+        forward = self.rollout_logprobs(rollout)
+        self._log_rollout(rollout)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         stats: dict[str, list[torch.Tensor]] = {}
         for idx in self.mini_batches(rollout.n):
-            loss = self.mini_batch_loss(rollout, idx.to(self.device), stats)
+            loss = self.mini_batch_loss(rollout, idx.to(self.device), stats, forward)
+            forward = None  # the first (with one update per rollout, the only) mini-batch's own forward
             optimizer.zero_grad()
             self.manual_backward(loss)
             if self.hparams.max_grad_norm is not None:
@@ -299,7 +270,6 @@ class GRPOModule(L.LightningModule):
             optimizer.step()
             scheduler.step()
             _add(stats, "train/loss", loss.detach())
-        self._log_rollout(rollout)
         self.log_dict({k: torch.stack(v).float().mean() for k, v in stats.items()}, batch_size=rollout.n)
 
     def rollout(self, batch: dict) -> Rollout:
@@ -311,7 +281,9 @@ class GRPOModule(L.LightningModule):
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()
                    if isinstance(vals, list) and k != "prompts"}
         prompts = [p for p in batch["prompts"] for _ in range(g)]
-        rewards, correct, valid = (t.to(self.device) for t in self._rewards(prompts, texts, columns))
+        scores = score_completions(self._verifier or self.trainer.datamodule.reward_fn(), self.reward_funcs, prompts,
+                                   texts, columns, hp.drop_bad_rewards)
+        rewards, correct, valid = (t.to(self.device) for t in scores)
         return Rollout(prompt_ids=batch["prompt_input_ids"].repeat_interleave(g, 0),
                        prompt_mask=batch["prompt_attention_mask"].repeat_interleave(g, 0),
                        completion=completion, cmask=cmask, rewards=rewards, correct=correct, valid=valid,
@@ -319,17 +291,23 @@ class GRPOModule(L.LightningModule):
                        loss_mask=cmask * valid.unsqueeze(1).long(),
                        answer_mask=self.answer_mask(completion, cmask, texts) if self._answer_mask_terms else None)
 
-    @torch.no_grad()
-    def rollout_logprobs(self, rollout: Rollout) -> None:
-        """Per-token log-probs of the rollout policy (``old_logp``) and of the frozen reference (``ref_logp``).
+    def rollout_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Fill ``ref_logp`` (the frozen reference) and ``old_logp`` (the rollout policy): their one owner.
 
-        With one update per rollout the old policy is the current one, so ``old_logp`` is left to the first
-        mini-batch forward (the ratio is then exactly 1) instead of costing a forward here.
+        With one update per rollout the rollout policy is the current one, so ``old_logp`` is that update's own
+        forward (with grad, every completion in order), returned as ``(logp, entropy)`` for :meth:`mini_batch_loss`
+        to reuse: the ratio is exactly 1 and no extra forward is spent. Otherwise a no-grad pass gives it (``None``
+        is returned).
         """
-        if self.updates_per_rollout > 1:
-            rollout.old_logp = self.batched_logprobs(self.model, rollout)
         if self._reference:
             rollout.ref_logp = self.batched_logprobs(self._reference[0], rollout)
+        if self.updates_per_rollout > 1:
+            rollout.old_logp = self.batched_logprobs(self.model, rollout)
+            return None
+        every = torch.arange(rollout.n, device=self.device)
+        forward = self.completion_logprobs(self.model, *rollout.inputs(every), entropy=True)
+        rollout.old_logp = forward[0].detach()
+        return forward
 
     def mini_batches(self, n: int) -> Iterator[torch.Tensor]:
         """Completion indices of each optimizer step: ``mu`` shuffled passes of ``num_mini_batches`` chunks."""
@@ -339,13 +317,16 @@ class GRPOModule(L.LightningModule):
             order = torch.randperm(n, generator=generator) if hp.num_mini_batches > 1 else torch.arange(n)
             yield from order.chunk(hp.num_mini_batches)
 
-    def mini_batch_loss(self, rollout: Rollout, idx: torch.Tensor,
-                        stats: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-        """Clipped surrogate (+ k3 KL, + registered terms) on the completions ``idx``; metrics added to ``stats``."""
+    def mini_batch_loss(self, rollout: Rollout, idx: torch.Tensor, stats: dict[str, list[torch.Tensor]],
+                        forward: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Clipped surrogate (+ k3 KL, + registered terms) on the completions ``idx``; metrics added to ``stats``.
+
+        ``forward``: the policy's ``(logp, entropy)`` on ``idx`` when :meth:`rollout_logprobs` already computed it.
+        """
         hp = self.hparams
-        logp, entropy = self.completion_logprobs(self.model, *rollout.inputs(idx), entropy=True)
-        if rollout.old_logp is None:  # one update per rollout: idx is every completion in order, old == current
-            rollout.old_logp = logp.detach()
+        if forward is None:
+            forward = self.completion_logprobs(self.model, *rollout.inputs(idx), entropy=True)
+        logp, entropy = forward
         old, m, advantages = rollout.old_logp[idx], rollout.loss_mask[idx], rollout.advantages[idx]
         valid = rollout.valid[idx]  # dropped completions count in no denominator
         per_token, clipped = clipped_surrogate(logp, old, advantages, hp.eps_low, hp.eps_high)
@@ -375,23 +356,11 @@ class GRPOModule(L.LightningModule):
         return loss
 
     def _log_rollout(self, rollout: Rollout) -> None:
-        """Rollout statistics; ``logp_correct``/``logp_incorrect``: mean per-token log-likelihood (rollout policy)."""
-        rewards, correct, ok, n = rollout.rewards, rollout.correct, rollout.valid, rollout.n
-        cmf = rollout.cmask.float()
-        seq_logp = (rollout.old_logp * cmf).sum(1) / cmf.sum(1).clamp(min=1)
-        self._zero_rewards.update(bool((rewards[ok] == 0).all()))
-        metrics = {
-            "grpo/reward_mean": rewards[ok].mean() if ok.any() else torch.zeros(()),
-            "grpo/reward_std": rewards[ok].std() if ok.sum() > 1 else torch.zeros(()),
-            "grpo/accuracy": correct[ok].float().mean() if ok.any() else torch.zeros(()),
-            "grpo/completion_length": cmf.sum(1).mean(),
-            "grpo/dropped": (~ok).float().sum(),
-        }
-        for name, sel in (("grpo/logp_correct", correct & ok), ("grpo/logp_incorrect", ~correct & ok)):
-            if sel.any():
-                metrics[name] = seq_logp[sel].mean()
-        self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=False, batch_size=n)
-        self.log("grpo/reward", metrics["grpo/reward_mean"].float(), prog_bar=True, batch_size=n, logger=False)
+        """The rollout batch's statistics (``rollout_metrics``); warns on a streak of all-zero rewards."""
+        self._zero_rewards.update(bool((rollout.rewards[rollout.valid] == 0).all()))
+        metrics = rollout_metrics(rollout)
+        self.log_dict(metrics, prog_bar=False, batch_size=rollout.n)
+        self.log("grpo/reward", metrics["grpo/reward_mean"], prog_bar=True, batch_size=rollout.n, logger=False)
 
     # ----------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -406,6 +375,9 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
+        if self.model is None:  # configure_model left it to a GRPO checkpoint, and none was restored
+            raise CheckpointError(f"sft_checkpoint {self.hparams.sft_checkpoint} does not exist (a CausalLMModule "
+                                  "checkpoint), and no GRPO checkpoint was restored to build the model from")
         optimizer = self.optimizer_factory(decay_groups(self.model))
         warmup = self.hparams.warmup_steps  # then constant (min_ratio 1)
         return {"optimizer": optimizer, "lr_scheduler": warmup_cosine_scheduler(optimizer, warmup, warmup, 1.0)}
@@ -413,3 +385,4 @@ class GRPOModule(L.LightningModule):
 
 def _add(stats: dict[str, list[torch.Tensor]], key: str, value: torch.Tensor) -> None:
     stats.setdefault(key, []).append(value)
+
