@@ -18,7 +18,7 @@ from peft import PeftModel
 
 from callbacks.lisa import LISA
 from callbacks.mae_reconstruction import MAEReconstructionLogger, to_uint8_hwc
-from callbacks.progress import StepProgressBar
+from callbacks.run.progress import StepProgressBar
 from datamodules.tokenizer import load_tokenizer
 from recipes.cli import CONFIG_DIR, RecipesCLI, main
 from recipes.parts.auroc import log_auroc_table, write_auroc_table
