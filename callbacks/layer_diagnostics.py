@@ -31,13 +31,13 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
 from callbacks.core.blocks import find_blocks
 from callbacks.core.heatmap import draw_heatmap
+from callbacks.core.image_log import log_image
 from callbacks.core.layer_stats import (
     forward_batch,
     grad_norms,
@@ -241,12 +241,7 @@ class LayerDiagnostics(Callback):
             path = folder / f"{metric}.png"
             image = draw_heatmap(rows, self.steps, f"layers/{metric}", path, **marks)
             paths[metric] = path
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key=f"layers/{metric}_heatmap", images=[image], step=trainer.global_step)
-                elif isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_image(f"layers/{metric}_heatmap", image, trainer.global_step,
-                                                dataformats="HWC")
+            log_image(trainer.loggers, f"layers/{metric}_heatmap", image, step=trainer.global_step)
         return paths
 
     # ---------------------------------------------------------------------------------------- checkpoint

@@ -16,8 +16,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_summary import summarize
 from peft import PeftModel
 
+from callbacks.core.image_log import to_uint8_hwc
 from callbacks.lisa import LISA
-from callbacks.mae_reconstruction import MAEReconstructionLogger, to_uint8_hwc
+from callbacks.mae_reconstruction import MAEReconstructionLogger
 from callbacks.run.progress import StepProgressBar
 from datamodules.tokenizer import load_tokenizer
 from recipes.cli import CONFIG_DIR, RecipesCLI, main
