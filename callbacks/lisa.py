@@ -134,6 +134,7 @@ class LISA(BlockSwitching):
             lambda batches: mean_block_metric(pl_module, self.parts.blocks, batches, self.importance_metric,
                                               "LISA(sampling='importance')"))
 
+    @override
     def draw(self, num_blocks: int) -> list[int]:
         """Draw ``n_layers`` distinct blocks with probabilities proportional to :meth:`sampling_weights`."""
         chosen = torch.multinomial(self.sampling_weights(num_blocks), self.n_layers, replacement=False,
