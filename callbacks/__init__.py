@@ -1,5 +1,11 @@
 """Drop-in Lightning callbacks for layer-wise training techniques.
 
+The top level holds what a user attaches to a run: ``LISA``, ``OwLore``, ``BAdam``, ``ProgressiveLayerDrop``,
+``LLDS``, ``LayerDiagnostics``, ``MAEReconstructionLogger``. :mod:`callbacks.run` holds run safety, what the
+recipes' CLI installs for every run (preemption, periodic and atomic checkpoints, finite-loss and empty-fit
+guards, resume settings, exact resume, run info, progress bar). :mod:`callbacks.core` holds the helpers the
+callbacks build on that are not callbacks themselves.
+
 Names are imported lazily, so ``class_path: callbacks.LISA`` in a YAML only imports what it uses.
 """
 
@@ -15,14 +21,14 @@ _EXPORTS = {
     "ProgressiveLayerDrop": "callbacks.layer_drop",
     "LLDS": "callbacks.llds",
     "MAEReconstructionLogger": "callbacks.mae_reconstruction",
-    "FiniteLossGuard": "callbacks.finite_loss",
-    "RunInfoLogger": "callbacks.run_info",
-    "ExactResume": "callbacks.exact_resume",
-    "StepProgressBar": "callbacks.progress",
-    "PreemptionCheckpoint": "callbacks.preemption",
-    "PeriodicLastCheckpoint": "callbacks.periodic_checkpoint",
-    "EmptyFitGuard": "callbacks.empty_fit",
-    "OptimizerSettingsOnResume": "callbacks.resume_settings",
+    "FiniteLossGuard": "callbacks.run.finite_loss",
+    "RunInfoLogger": "callbacks.run.run_info",
+    "ExactResume": "callbacks.run.exact_resume",
+    "StepProgressBar": "callbacks.run.progress",
+    "PreemptionCheckpoint": "callbacks.run.preemption",
+    "PeriodicLastCheckpoint": "callbacks.run.periodic_checkpoint",
+    "EmptyFitGuard": "callbacks.run.empty_fit",
+    "OptimizerSettingsOnResume": "callbacks.run.resume_settings",
 }
 __all__ = list(_EXPORTS)
 

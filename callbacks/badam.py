@@ -11,23 +11,24 @@ paper), so optimizer memory is 8 bytes x (parameters of one block) in fp32 AdamW
 norm and any other parameter outside the blocks stay frozen unless switched on (``train_embedding``, ...), in
 which case they train all the time. The paper suggests K = max(n / (B * D), 50) for n samples and batch size B.
 
-Built on :class:`~callbacks.lisa.LISA` (freezing, state release, checkpointing and the DDP/FSDP/checkpointing
-requirements are LISA's); only the choice of the next block differs. The random order is drawn from the seeded
-generator, so every rank visits the same blocks.
+Built on :class:`~callbacks.core.block_switching.BlockSwitching`, the mechanism LISA and OwLore use too
+(freezing, state release, checkpointing and the DDP/FSDP/checkpointing requirements); BAdam is only its policy,
+the order of the blocks. The random order is drawn from the seeded generator, so every rank visits the same
+blocks.
 """
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from typing_extensions import override
 
-from callbacks.lisa import LISA
+from callbacks.core.block_switching import BlockSwitching
+from callbacks.core.blocks import ModelParts
 
 ORDERS = ("ascending", "descending", "random")
 
 
-class BAdam(LISA):
+class BAdam(BlockSwitching):
     """Train one block at a time, switching every ``interval`` optimizer steps in a fixed or random order.
 
     Args:
@@ -69,11 +70,11 @@ class BAdam(LISA):
         self.position = 0  # blocks of the current pass already visited
 
     @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if isinstance(self.order, list) and max(self.order) >= len(self.parts):
-            raise ValueError(f"order lists block {max(self.order)} but the model has only {len(self.parts)} blocks "
-                             f"(0..{len(self.parts) - 1})")
+    def check_parts(self, parts: ModelParts) -> None:
+        super().check_parts(parts)
+        if isinstance(self.order, list) and max(self.order) >= len(parts):
+            raise ValueError(f"order lists block {max(self.order)} but the model has only {len(parts)} blocks "
+                             f"(0..{len(parts) - 1})")
 
     def next_pass(self, num_blocks: int) -> list[int]:
         """The block order of one pass."""

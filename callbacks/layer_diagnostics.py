@@ -31,17 +31,18 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
 from callbacks.core.blocks import find_blocks
 from callbacks.core.heatmap import draw_heatmap
+from callbacks.core.image_log import log_image
 from callbacks.core.layer_stats import (
     forward_batch,
     grad_norms,
     logit_lens_kl,
+    measuring,
     parameter_groups,
     probe_blocks,
     token_mask,
@@ -194,23 +195,12 @@ class LayerDiagnostics(Callback):
     def probe_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list[float]]:
         """Block influence, contribution (and logit-lens KL) on the probe batch, without touching training."""
         batch = trainer.strategy.batch_to_device(self.probe)
-        modes = {module: module.training for module in pl_module.modules()}
-        devices = [torch.cuda.current_device()] if batch_device(batch).type == "cuda" else []
-        pl_module.eval()
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                # a model that draws at random in eval mode (MAE masking) draws alike at every measurement
-                torch.random.default_generator.manual_seed(0)
-                if devices:
-                    torch.cuda.manual_seed(0)  # the current device only: the one fork_rng restores
-                mask = token_mask(batch)
-                stats, outputs = probe_blocks(self._blocks, lambda: forward_batch(pl_module, batch), mask,
-                                              keep_outputs=self.logit_lens)
-                if self.logit_lens:
-                    stats["logit_lens_kl"] = logit_lens_kl(outputs, self._lens, mask)
-        finally:
-            for module, training in modes.items():
-                module.training = training
+        with measuring(pl_module, seed=0, cuda=batch_device(batch).type == "cuda"):
+            mask = token_mask(batch)
+            stats, outputs = probe_blocks(self._blocks, lambda: forward_batch(pl_module, batch), mask,
+                                          keep_outputs=self.logit_lens)
+            if self.logit_lens:
+                stats["logit_lens_kl"] = logit_lens_kl(outputs, self._lens, mask)
         return stats
 
     def _snapshot_device(self, param: torch.Tensor) -> torch.device:
@@ -241,12 +231,7 @@ class LayerDiagnostics(Callback):
             path = folder / f"{metric}.png"
             image = draw_heatmap(rows, self.steps, f"layers/{metric}", path, **marks)
             paths[metric] = path
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key=f"layers/{metric}_heatmap", images=[image], step=trainer.global_step)
-                elif isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_image(f"layers/{metric}_heatmap", image, trainer.global_step,
-                                                dataformats="HWC")
+            log_image(trainer.loggers, f"layers/{metric}_heatmap", image, step=trainer.global_step)
         return paths
 
     # ---------------------------------------------------------------------------------------- checkpoint

@@ -10,18 +10,14 @@ moments (the per-interval restart the authors used). A block that is drawn again
 still active, keeps its moments.
 
 ``sampling="importance"`` draws block l with probability proportional to a score measured once at fit start on
-the first training batches (model in eval mode, no grad), the way OwLore uses outlier scores: the block influence
+the first training batches (model in eval mode, no grad; :mod:`callbacks.core.measured_weights`, the path
+OwLore's outlier scores take too): the block influence
 BI_l = 1 - mean_t cos(h_in, h_out) (ShortGPT, arXiv 2403.03853) or the relative contribution
 ||h_out - h_in|| / ||h_in|| (arXiv 2505.13898); blocks that change the residual stream more train more often.
 
-Requirements:
-    * The optimizer must be built over all parameters (``CausalLMModule`` does this). The callback freezes only
-      after the optimizer exists (``on_train_start``), so a block sampled later really trains.
-    * DDP: parameters frozen mid-run produce no gradients, so use ``strategy: ddp_find_unused_parameters_true``.
-      Every rank draws the same blocks (seeded CPU generator, saved in the checkpoint).
-    * FSDP: use ``use_orig_params=True`` so ``requires_grad`` can differ inside a flattened unit.
-    * Gradient checkpointing: with reentrant checkpointing and a frozen embedding, the input of the first block
-      must require grad; the callback calls ``enable_input_require_grads()`` on a Hugging Face model for you.
+The freezing, the release of optimizer state, the agreement across ranks, checkpointing and the requirements
+(optimizer over all parameters, DDP, FSDP, gradient checkpointing) are the mechanism in
+:mod:`callbacks.core.block_switching`; LISA is its policy: which blocks are drawn next.
 """
 
 from __future__ import annotations
@@ -31,25 +27,20 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 from typing_extensions import override
 
-from callbacks.core.blocks import ModelParts, find_blocks
-from callbacks.core.layer_stats import (
-    METRICS,
-    first_training_batches,
-    forward_batch,
-    measuring,
-    probe_blocks,
-    token_mask,
-)
+from callbacks.core.block_switching import BlockSwitching, optimizer_state_bytes
+from callbacks.core.blocks import ModelParts
+from callbacks.core.layer_stats import METRICS
+from callbacks.core.measured_weights import drawable, mean_block_metric, measure_on_first_batches
+
+__all__ = ["LISA", "SAMPLINGS", "optimizer_state_bytes"]
 
 SAMPLINGS = ("uniform", "importance")
 
 
-class LISA(Callback):
+class LISA(BlockSwitching):
     """Train ``n_layers`` randomly sampled blocks plus the always-on parts, re-sampled every ``interval`` steps.
 
     Args:
@@ -88,10 +79,9 @@ class LISA(Callback):
         importance_batches: int = 1,
         train_other: bool = True,
     ) -> None:
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be at least 1, got {n_layers}")
-        if interval < 1:
-            raise ValueError(f"interval must be a positive number of optimizer steps, got {interval}")
+        super().__init__(n_layers=n_layers, interval=interval, train_embedding=train_embedding,
+                         train_head=train_head, train_norm=train_norm, train_other=train_other, seed=seed,
+                         blocks_path=blocks_path)
         if weights is not None:
             weights = [float(w) for w in weights]
             if not all(math.isfinite(w) and w >= 0 for w in weights):
@@ -109,172 +99,55 @@ class LISA(Callback):
             raise ValueError(f"importance_metric must be one of {METRICS}, got {importance_metric!r}")
         if importance_batches < 1:
             raise ValueError(f"importance_batches must be at least 1, got {importance_batches}")
-        self.n_layers = n_layers
-        self.interval = interval
-        self.train_embedding = train_embedding
-        self.train_head = train_head
-        self.train_norm = train_norm
         self.weights = weights
         self.sampling = sampling
         self.importance_metric = importance_metric
         self.importance_batches = importance_batches
         self.importance: list[float] | None = None  # measured at fit start with sampling="importance"
-        self.train_other = train_other
-        self.seed = seed
-        self.blocks_path = blocks_path
-        self.generator = torch.Generator().manual_seed(seed)
-        self.active: list[int] = []
-        self.sampled_at: int = -1  # optimizer step of the last draw
-        self.parts: ModelParts | None = None
-        self._block_params: list[list[nn.Parameter]] = []
-        self._always_on: list[nn.Parameter] = []
-        self._frozen_parts: list[nn.Parameter] = []
 
-    # ------------------------------------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------------------------------- policy
     @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        parts = find_blocks(pl_module, self.blocks_path)
-        if self.n_layers > len(parts):
-            raise ValueError(f"n_layers={self.n_layers} but the model has only {len(parts)} blocks")
+    def check_parts(self, parts: ModelParts) -> None:
+        super().check_parts(parts)
         if self.weights is not None and len(self.weights) != len(parts):
             raise ValueError(f"weights has {len(self.weights)} entries but the model has {len(parts)} blocks")
-        named = dict(pl_module.named_parameters())
-        # parameters frozen before we start (e.g. by the user) stay frozen
-        self._block_params = [[p for p in block.parameters() if p.requires_grad] for block in parts.blocks]
-        off = [part for part, on in (("embedding", self.train_embedding), ("head", self.train_head),
-                                     ("final_norm", self.train_norm), ("other", self.train_other)) if not on]
-        off_names = [n for part in off for n in parts.part_names(part)]
-        outside = [named[n] for n in parts.embedding + parts.head + parts.final_norm + parts.other]
-        self._frozen_parts = [named[n] for n in off_names if named[n].requires_grad]
-        self._always_on = [p for p in outside if p.requires_grad and all(p is not q for q in self._frozen_parts)]
-        for param in self._frozen_parts:
-            param.requires_grad_(False)
-        self.parts = parts
-        if not self.train_embedding:
-            _enable_input_require_grads(pl_module)
-        self._freeze_for_summary(pl_module)
-
-    def _freeze_for_summary(self, pl_module: L.LightningModule) -> None:
-        """Until training starts, leave as many blocks trainable as train at a time (the restored active set, or
-        the largest ``n_layers``), so the model summary printed at fit start counts the trainable-at-a-time
-        parameters. The optimizer already holds every parameter; ``on_train_start`` sets the real active set."""
-        sizes = [sum(p.numel() for p in params) for params in self._block_params]
-        shown = self.active or sorted(range(len(sizes)), key=lambda i: -sizes[i])[: self.n_layers]
-        for index, params in enumerate(self._block_params):
-            for param in params:
-                param.requires_grad_(index in shown)
-        at_a_time = sum(p.numel() for p in self._always_on) + sum(sizes[i] for i in shown)
-        total = sum(p.numel() for p in pl_module.parameters())
-        rank_zero_info(f"{type(self).__name__}: {at_a_time:,} of {total:,} parameters train at a time "
-                       f"({self.n_layers} of {len(sizes)} blocks plus the always-on parts)")
 
     @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def prepare_policy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.sampling == "importance" and self.importance is None:  # a resumed run keeps its measured weights
             self.importance = self._measure_importance(trainer, pl_module)
             rank_zero_info(f"{type(self).__name__}: {self.importance_metric} per block (sampling weights): "
                            + ", ".join(f"{v:.4f}" for v in self.importance))
-        # the optimizer exists (and a resumed state is loaded): freeze everything but the restored active set
-        for index in range(len(self._block_params)):
-            self._set_block(trainer, index, index in self.active)
 
-    @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # leave the model as we found it (e.g. for a later fit or for saving adapters)
-        for param in self._frozen_parts + [p for block in self._block_params for p in block]:
-            param.requires_grad_(True)
-
-    # ------------------------------------------------------------------------------------------- sampling
     def sampling_weights(self, num_blocks: int) -> torch.Tensor:
         """Per-block sampling weights (uniform unless ``weights`` was given)."""
         if self.importance is not None:
-            weights = torch.tensor(self.importance, dtype=torch.float64).nan_to_num(0.0).clamp_min(0.0)
-            if int((weights > 0).sum()) < self.n_layers:  # drawing without replacement needs n_layers candidates
-                weights = weights + 1e-6
-            return weights
+            return drawable(torch.tensor(self.importance, dtype=torch.float64), self.n_layers)
         if self.weights is None:
             return torch.ones(num_blocks, dtype=torch.float64)
         return torch.tensor(self.weights, dtype=torch.float64)
 
     def _measure_importance(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
         """Mean of ``importance_metric`` per block over the first ``importance_batches`` training batches."""
-        totals, seen = torch.zeros(len(self.parts), dtype=torch.float64), 0
-        with measuring(pl_module):
-            for batch in first_training_batches(trainer, self.importance_batches):
-                stats, _ = probe_blocks(self.parts.blocks, lambda b=batch: forward_batch(pl_module, b),
-                                        token_mask(batch))
-                totals += torch.tensor(stats[self.importance_metric], dtype=torch.float64)
-                seen += 1
-        if seen == 0:
-            raise ValueError("LISA(sampling='importance') needs at least one training batch to measure on")
-        values = (totals / seen).tolist()
-        return trainer.strategy.broadcast(values, src=0)  # every rank samples with rank 0's measurement
+        return measure_on_first_batches(
+            trainer, pl_module, self.importance_batches,
+            lambda batches: mean_block_metric(pl_module, self.parts.blocks, batches, self.importance_metric,
+                                              "LISA(sampling='importance')"))
 
+    @override
     def draw(self, num_blocks: int) -> list[int]:
         """Draw ``n_layers`` distinct blocks with probabilities proportional to :meth:`sampling_weights`."""
         chosen = torch.multinomial(self.sampling_weights(num_blocks), self.n_layers, replacement=False,
                                    generator=self.generator)
         return sorted(int(i) for i in chosen)
 
-    @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step % self.interval == 0 and step != self.sampled_at:
-            self.switch(trainer, self.draw(len(self._block_params)))
-            self.sampled_at = step
-        pl_module.log_dict({f"{self.log_prefix}/block_{i}": float(i in self.active)
-                            for i in range(len(self._block_params))}, on_step=True, on_epoch=False, batch_size=1)
-
-    def switch(self, trainer: L.Trainer, new_active: list[int]) -> None:
-        """Deactivate blocks leaving the active set (dropping their optimizer state), activate the new ones."""
-        for index in self.active:
-            if index not in new_active:
-                self._set_block(trainer, index, False)
-        for index in new_active:
-            self._set_block(trainer, index, True)
-        self.active = list(new_active)
-        rank_zero_info(f"{type(self).__name__}: step {trainer.global_step}: training blocks {self.active}")
-
-    def _set_block(self, trainer: L.Trainer, index: int, trainable: bool) -> None:
-        for param in self._block_params[index]:
-            param.requires_grad_(trainable)
-            if not trainable:
-                param.grad = None
-                for optimizer in trainer.optimizers:
-                    optimizer.state.pop(param, None)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters trained in the current interval: always-on parts and the active blocks."""
-        return self._always_on + [p for i in self.active for p in self._block_params[i]]
-
     # ---------------------------------------------------------------------------------------- checkpoint
     @override
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "active": list(self.active), "sampled_at": self.sampled_at,
-                "importance": self.importance}
+        return {**super().state_dict(), "importance": self.importance}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
-        self.generator.set_state(state_dict["generator"])
-        self.active = list(state_dict["active"])
-        self.sampled_at = int(state_dict["sampled_at"])
+        super().load_state_dict(state_dict)
         self.importance = state_dict.get("importance")
 
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the tensors of ``optimizer.state`` (moments, steps, projectors)."""
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-               if isinstance(v, torch.Tensor))
-
-
-def _enable_input_require_grads(pl_module: nn.Module) -> None:
-    """With reentrant checkpointing and a frozen embedding, make the embedding output require grad."""
-    for module in pl_module.modules():
-        if not hasattr(module, "enable_input_require_grads"):
-            continue
-        checkpointing = getattr(module, "is_activation_checkpointing", None)  # transformers >= 5.x name
-        if checkpointing is None:
-            checkpointing = getattr(module, "is_gradient_checkpointing", False)
-        if checkpointing:
-            module.enable_input_require_grads()
-            return

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 from typing_extensions import override
+
+from callbacks.core.image_log import log_image
 
 
 class MAEReconstructionLogger(Callback):
@@ -98,15 +98,6 @@ class MAEReconstructionLogger(Callback):
         path = folder / f"epoch_{trainer.current_epoch:04d}.png"
         save_image(grid, path)
         self.saved.append(path)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="mae/reconstruction", images=[to_uint8_hwc(grid)], step=trainer.global_step,
-                                 caption=["rows: original / masked / reconstruction"])
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("mae/reconstruction", grid, global_step=trainer.global_step)
+        log_image(trainer.loggers, "mae/reconstruction", grid, step=trainer.global_step,
+                  caption="rows: original / masked / reconstruction")
 
-
-def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
-    """A ``[0, 1]`` float ``(C, H, W)`` image as ``uint8`` ``(H, W, C)``: W&B reads float arrays as 0-255 values
-    (a [0, 1] image arrives black), so the conversion is explicit."""
-    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -1,6 +1,7 @@
 """OwLore: outlier-weighted layerwise sampling with low-rank gradients (Li et al. 2024, arXiv 2405.18380).
 
-LISA (:class:`~callbacks.lisa.LISA`) with non-uniform block probabilities: blocks with more weight outliers are
+LISA (:class:`~callbacks.lisa.LISA`) with non-uniform block probabilities, measured on the same path as LISA's
+importance sampling (:mod:`callbacks.core.measured_weights`): blocks with more weight outliers are
 sampled more often. The score of block l is OWL's layerwise outlier distribution (arXiv 2310.05175):
 
     A_ij = |W_ij| * ||X_j||_2                       (Wanda score; ||X_j|| over the calibration tokens)
@@ -30,12 +31,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from callbacks.core.galore import GaLoreAdamW
-from callbacks.core.layer_stats import first_training_batches, forward_batch, measuring
+from callbacks.core.layer_stats import forward_batch
+from callbacks.core.measured_weights import drawable, measure_on_first_batches, normalized
 from callbacks.lisa import LISA
 
 
@@ -158,7 +160,7 @@ class OwLore(LISA):
                                  "model, or use OwLore with a model whose blocks are built from nn.Linear")
 
     @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def prepare_policy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.scores is None:
             self.scores = self._load_or_compute_scores(trainer, pl_module)
         if len(self.scores) != len(self._block_params):
@@ -166,7 +168,7 @@ class OwLore(LISA):
                              "blocks (a stale scores_file?)")
         if trainer.global_step == 0:  # once per run: a resumed run already logged them
             self._log_scores(trainer)
-        super().on_train_start(trainer, pl_module)
+        super().prepare_policy(trainer, pl_module)
 
     def _log_scores(self, trainer: L.Trainer) -> None:
         probs = self.probabilities()
@@ -187,32 +189,25 @@ class OwLore(LISA):
                 raise ValueError(f"{path}: expected JSON {{\"scores\": [numbers, one per block]}}: {err}") from err
             check_scores(scores, f"scores_file {path}")
             return scores
-        scores = self._calibrate(trainer, pl_module)
-        scores = trainer.strategy.broadcast(scores, src=0)  # every rank samples with rank 0's scores
+        scores = self._calibrate(trainer, pl_module)  # every rank samples with rank 0's scores
         if path is not None and trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"scores": scores, "outlier_threshold": self.outlier_threshold}))
         return scores
 
     def _calibrate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
-        with measuring(pl_module):
-            return outlier_scores(self.parts.blocks, first_training_batches(trainer, self.calibration_batches),
-                                  partial(forward_batch, pl_module), self.outlier_threshold)
+        return measure_on_first_batches(
+            trainer, pl_module, self.calibration_batches,
+            lambda batches: outlier_scores(self.parts.blocks, batches, partial(forward_batch, pl_module),
+                                           self.outlier_threshold))
 
     def probabilities(self) -> torch.Tensor:
         """p_l = D_l / sum_k D_k."""
-        scores = torch.tensor(self.scores, dtype=torch.float64)
-        if scores.sum() <= 0:
-            rank_zero_warn("OwLore: no block has outliers at this threshold; sampling uniformly")
-            return torch.full_like(scores, 1 / len(scores))
-        return scores / scores.sum()
+        return normalized(self.scores, "OwLore: no block has outliers at this threshold; sampling uniformly")
 
     @override
     def sampling_weights(self, num_blocks: int) -> torch.Tensor:
-        probs = self.probabilities()
-        if int((probs > 0).sum()) < self.n_layers:  # drawing without replacement needs n_layers candidates
-            probs = probs + 1e-6
-        return probs
+        return drawable(self.probabilities(), self.n_layers)
 
     @override
     def state_dict(self) -> dict:

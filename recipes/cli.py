@@ -18,15 +18,15 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.core.atomic_checkpoint import AtomicCheckpointIO
-from callbacks.empty_fit import EmptyFitGuard
-from callbacks.exact_resume import ExactResume
-from callbacks.finite_loss import FiniteLossGuard
-from callbacks.periodic_checkpoint import PeriodicLastCheckpoint
-from callbacks.preemption import Preempted, PreemptionCheckpoint
-from callbacks.progress import StepProgressBar
-from callbacks.resume_settings import OptimizerSettingsOnResume
-from callbacks.run_info import RunInfoLogger
+from callbacks.run.atomic_checkpoint import AtomicCheckpointIO
+from callbacks.run.empty_fit import EmptyFitGuard
+from callbacks.run.exact_resume import ExactResume
+from callbacks.run.finite_loss import FiniteLossGuard
+from callbacks.run.periodic_checkpoint import PeriodicLastCheckpoint
+from callbacks.run.preemption import Preempted, PreemptionCheckpoint
+from callbacks.run.progress import StepProgressBar
+from callbacks.run.resume_settings import OptimizerSettingsOnResume
+from callbacks.run.run_info import RunInfoLogger
 from recipes import resume
 from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
 

@@ -16,8 +16,8 @@ import torch  # noqa: E402
 from lightning.pytorch.demos.boring_classes import BoringModel  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-from callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError  # noqa: E402
-from callbacks.preemption import Preempted, PreemptionCheckpoint  # noqa: E402
+from callbacks.run.finite_loss import FiniteLossGuard, NonFiniteLossError  # noqa: E402
+from callbacks.run.preemption import Preempted, PreemptionCheckpoint  # noqa: E402
 
 
 class TroubleOnRankOne(BoringModel):

@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from callbacks.core import atomic_checkpoint
-from callbacks.core.atomic_checkpoint import AtomicCheckpointIO, atomic_torch_save, remove_stale_temp_files
+from callbacks.run import atomic_checkpoint
+from callbacks.run.atomic_checkpoint import AtomicCheckpointIO, atomic_torch_save, remove_stale_temp_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_real_full_tmpfs_leaves_no_partial_epoch_checkpoint(tmpfs, tmp_path):
 
 _WRITER = """
 import sys, torch
-from callbacks.core.atomic_checkpoint import atomic_torch_save
+from callbacks.run.atomic_checkpoint import atomic_torch_save
 i = 0
 while True:
     i += 1

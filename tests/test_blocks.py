@@ -4,7 +4,7 @@ import pytest
 import timm
 from torch import nn
 
-from callbacks.core.blocks import block_parameter_names, find_blocks
+from callbacks.core.blocks import _block_path_from_model, block_parameter_names, find_blocks
 from tests.conftest import ARCHITECTURES, tiny_model
 
 HF_ARCHS = sorted(a for a in ARCHITECTURES if a != "vit")
@@ -77,6 +77,38 @@ def test_explicit_path_and_errors():
     model.trunk = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
     parts = find_blocks(model, blocks_path="trunk")
     assert len(parts) == 2 and parts.other == ["stem.weight", "stem.bias"]
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_hf_model_names_its_own_blocks(arch):
+    model = tiny_model(arch, layers=3)
+    assert _block_path_from_model(model) == EXPECTED_PATH[arch]  # the model is asked before names are guessed
+    base, _, name = EXPECTED_PATH[arch].rpartition(".")
+    owner = _resolve(model, base)
+    owner.trunk = getattr(owner, name)  # a block list under a name no guess knows
+    delattr(owner, name)
+    parts = find_blocks(model)
+    assert parts.blocks_path == f"{base}.trunk" and len(parts) == 3
+    assert parts.other == [], f"unclassified parameters: {parts.other}"
+
+
+def test_timm_group_matcher_names_the_blocks():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=2)
+    assert _block_path_from_model(vit) == "blocks"
+
+    class Stacked(nn.Module):  # timm-style: group_matcher names the block list, whatever it is called
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])  # a decoy the name guess would take
+            self.stack = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(3)])
+
+        def group_matcher(self, coarse=False):
+            return {"stem": r"^layers", "blocks": [(r"^stack\.(\d+)", None)]}
+
+    holder = nn.Module()
+    holder.net = Stacked()
+    parts = find_blocks(holder)
+    assert parts.blocks_path == "net.stack" and len(parts) == 3
 
 
 def _resolve(model, path):

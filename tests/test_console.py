@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
 
-from callbacks.progress import StepProgressBar
+from callbacks.run.progress import StepProgressBar
 from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR, RecipesCLI
 from recipes.parts.loggers import default_loggers

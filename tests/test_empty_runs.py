@@ -6,8 +6,8 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
-from callbacks.empty_fit import EmptyFitError, EmptyFitGuard
-from callbacks.finite_loss import NonFiniteLossError
+from callbacks.run.empty_fit import EmptyFitError, EmptyFitGuard
+from callbacks.run.finite_loss import NonFiniteLossError
 from datamodules.jsonl_records import DataError
 from datamodules.verifiable_qa import VerifiableQADataModule
 from recipes.__main__ import main

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.exact_resume import ExactResume
+from callbacks.run.exact_resume import ExactResume
 from datamodules.instruction import InstructionDataModule
 from recipes.causal_lm import CausalLMModule
 from tests.conftest import TINY_LM_CONFIG

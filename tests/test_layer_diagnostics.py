@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import LISA, LayerDiagnostics
 from callbacks.core.heatmap import draw_heatmap
-from callbacks.core.layer_stats import block_influence, relative_contribution
+from callbacks.core.layer_stats import block_influence, measuring, relative_contribution
 from tests.conftest import SEQ, VOCAB, TinyModule, tiny_loader, trainer
 
 torch.set_num_threads(1)
@@ -319,3 +319,17 @@ def test_lisa_importance_argument_checks():
         LISA(sampling="importance", importance_metric="grad")
     with pytest.raises(ValueError, match="leave weights unset"):
         LISA(sampling="importance", weights=[1.0, 2.0])
+
+
+def test_measuring_puts_back_every_mode_and_the_random_state():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    model[1].eval()  # a submodule the user keeps in eval mode stays there
+    state = torch.random.get_rng_state()
+    with measuring(model, seed=3):
+        assert not model.training and not model[0].training and not torch.is_grad_enabled()
+        first = torch.rand(3)
+    with measuring(model, seed=3):
+        second = torch.rand(3)
+    assert torch.equal(first, second)  # seeded alike at every measurement
+    assert model.training and model[0].training and not model[1].training
+    assert torch.equal(torch.random.get_rng_state(), state)  # training's random stream is untouched

@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from callbacks.core.block_switching import BlockSwitching
 from callbacks.core.blocks import find_blocks
 from callbacks.lisa import LISA
 from tests.conftest import LAYERWISE_ARCHS, IntervalProbe, TinyModule, moved_blocks, snapshot, tiny_loader, trainer
@@ -103,6 +104,21 @@ def test_resume_mid_interval_matches_uninterrupted(tmp_path):
     assert resumed_lisa.active == full_lisa.active
     for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_policy_only_says_which_blocks_train_next(tmp_path):
+    class SecondThenFirst(BlockSwitching):  # the mechanism comes from BlockSwitching; this is the whole policy
+        def draw(self, num_blocks):
+            return [1] if self.sampled_at < 0 else [0]
+
+    policy = SecondThenFirst(n_layers=1, interval=2, train_embedding=False, train_head=False, train_norm=False,
+                             train_other=False)
+    probe = IntervalProbe(policy)
+    trainer([policy, probe], 4, tmp_path).fit(TinyModule(layers=3), tiny_loader(batches=4))
+    assert [row["moved"] for row in probe.rows] == [{1}, {1}, {0}, {0}]
+    assert all(row["state_ids"] == row["trainable_ids"] for row in probe.rows)  # block 1's state was released
+    with pytest.raises(NotImplementedError, match="override draw"):
+        BlockSwitching(n_layers=1, interval=1).draw(3)
 
 
 def test_argument_checks():

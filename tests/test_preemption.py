@@ -13,8 +13,8 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from callbacks.periodic_checkpoint import PeriodicLastCheckpoint
-from callbacks.preemption import Preempted, PreemptionCheckpoint
+from callbacks.run.periodic_checkpoint import PeriodicLastCheckpoint
+from callbacks.run.preemption import Preempted, PreemptionCheckpoint
 from recipes.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_periodic_last_checkpoint_by_steps_and_by_time(tmp_path, monkeypatch):
     assert torch.load(by_steps.last_path, weights_only=True)["global_step"] == 7
 
     clock = iter(range(0, 10_000, 50))  # 50 s per call of time.monotonic
-    monkeypatch.setattr("callbacks.periodic_checkpoint.monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr("callbacks.run.periodic_checkpoint.monotonic", lambda: float(next(clock)))
     saves = []
     by_time = PeriodicLastCheckpoint(every_n_minutes=1.5, every_n_steps=None)
     save = by_time.save

@@ -124,7 +124,7 @@ def test_new_learning_rate_and_weight_decay_apply_on_resume(tmp_path, caplog):
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from callbacks.resume_settings import OptimizerSettingsOnResume
+    from callbacks.run.resume_settings import OptimizerSettingsOnResume
 
     class Scheduled(BoringModel):
         def __init__(self, lr, wd):

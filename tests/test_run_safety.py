@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
+from callbacks.run.finite_loss import FiniteLossGuard, NonFiniteLossError
 from datamodules.instruction import InstructionDataModule
 from recipes.__main__ import main
 from recipes.causal_lm import CausalLMModule

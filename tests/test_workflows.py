@@ -16,9 +16,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.model_summary import summarize
 from peft import PeftModel
 
+from callbacks.core.image_log import to_uint8_hwc
 from callbacks.lisa import LISA
-from callbacks.mae_reconstruction import MAEReconstructionLogger, to_uint8_hwc
-from callbacks.progress import StepProgressBar
+from callbacks.mae_reconstruction import MAEReconstructionLogger
+from callbacks.run.progress import StepProgressBar
 from datamodules.tokenizer import load_tokenizer
 from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR, RecipesCLI

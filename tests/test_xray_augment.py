@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.exact_resume import ExactResume
+from callbacks.run.exact_resume import ExactResume
 from datamodules.chestxray14 import ChestXray14DataModule
 from datamodules.resumable_sampler import apply_seeded, seeded_rng
 from datamodules.xray_transforms import build_xray_transform

@@ -1,6 +1,14 @@
 """Building blocks the callbacks use that are not callbacks themselves.
 
 - ``blocks``: ``find_blocks`` / ``ModelParts``, the one helper that locates a model's repeated blocks.
+- ``block_switching``: ``BlockSwitching``, the mechanism LISA, OwLore and BAdam share (freeze and unfreeze blocks,
+  release optimizer state, agree across ranks, save state); they are its policies (which blocks next).
+- ``layer_stats``: per-block statistics of the residual stream, and ``measuring``, the context every measurement
+  on training batches runs in.
+- ``measured_weights``: per-block sampling weights measured on the first training batches (LISA importance,
+  OwLore outlier scores).
+- ``heatmap``: ``draw_heatmap``, the blocks x time picture of one per-block metric.
+- ``image_log``: ``log_image``, one image to every logger that shows images (W&B, TensorBoard).
 - ``galore``: ``GaLoreAdamW``, the low-rank-gradient optimizer OwLore trains with.
 - ``policy_tokens``: ``PolicyTokens``, the per-token batch GRPO hands to registered loss terms (LLDS).
 

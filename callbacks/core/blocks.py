@@ -1,10 +1,14 @@
-"""Locate the transformer blocks and the always-on parts of any supported model.
+r"""Locate the transformer blocks and the always-on parts of any supported model.
 
 Every layer-wise callback needs the same two things: the ordered list of transformer blocks, and the
 parameters that sit outside them (input embedding, output head, final norm). :func:`find_blocks` finds
 them for Hugging Face causal LMs (Llama, Qwen2, Mistral, Gemma, GPT-2, GPT-NeoX, OPT, ...) and timm
 ViTs, also when they are wrapped (a LightningModule holding ``self.model``, a peft ``PeftModel``).
-Anything else takes an explicit ``blocks_path`` (a dotted attribute path to the ``nn.ModuleList``).
+
+The model is asked first: a timm model names its blocks in ``group_matcher()`` (the ``blocks`` group,
+``^blocks\.(\d+)``), a Hugging Face model has ``config.num_hidden_layers`` blocks of a class listed in its
+``_no_split_modules``. Names are guessed last (a list called ``layers``, ``h``, ``blocks``, ...). Anything else
+takes an explicit ``blocks_path`` (a dotted attribute path to the ``nn.ModuleList``).
 """
 
 from __future__ import annotations
@@ -66,11 +70,48 @@ def _looks_like_block_list(module: nn.Module) -> bool:
 
 
 def _find_block_path(model: nn.Module) -> str | None:
+    """The model's own answer (:func:`_block_path_from_model`), else the first block list with a known name."""
+    for prefix, module in model.named_modules():
+        path = _block_path_from_model(module)
+        if path is not None:
+            return f"{prefix}.{path}" if prefix else path
     candidates = [(name, mod) for name, mod in model.named_modules() if _looks_like_block_list(mod)]
     for suffix in _BLOCK_LIST_SUFFIXES:
         for name, _ in candidates:
             if name == suffix or name.endswith("." + suffix):
                 return name
+    return None
+
+
+def _block_path_from_model(module: nn.Module) -> str | None:
+    """Where ``module`` itself says its blocks are: a timm model's ``group_matcher()`` ``blocks`` group, or the
+    block list of a Hugging Face model (``config.num_hidden_layers`` blocks of a ``_no_split_modules`` class)."""
+    matcher = getattr(module, "group_matcher", None)
+    if callable(matcher):
+        try:
+            groups = matcher()
+        except (TypeError, NotImplementedError, AttributeError):
+            groups = {}
+        pattern = groups.get("blocks") if isinstance(groups, dict) else None
+        if isinstance(pattern, (list, tuple)) and pattern:
+            pattern = pattern[0][0] if isinstance(pattern[0], (list, tuple)) else pattern[0]
+        found = re.fullmatch(r"\^(\w+(?:\\\.\w+)*)\\\.\(\\d\+\)", pattern) if isinstance(pattern, str) else None
+        if found:
+            path = found.group(1).replace("\\.", ".")
+            try:
+                if _looks_like_block_list(_get_dotted(module, path)):
+                    return path
+            except (AttributeError, IndexError):
+                pass
+    config = getattr(module, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or not hasattr(module, "base_model"):
+        return None
+    block_classes = set(getattr(module, "_no_split_modules", None) or ())
+    for name, child in module.named_modules():
+        if (_looks_like_block_list(child) and len(child) == layers
+                and (not block_classes or type(child[0]).__name__ in block_classes)):
+            return name
     return None
 
 

@@ -51,16 +51,30 @@ def first_training_batches(trainer: L.Trainer, n: int) -> Iterator:
 
 
 @contextmanager
-def measuring(module: nn.Module) -> Iterator[None]:
-    """Eval mode and a forked CPU random state while measuring on training batches; both are put back after, so
-    iterating the training loader does not shift the data order."""
-    was_training = module.training
+def measuring(module: nn.Module, seed: int | None = None, cuda: bool = False) -> Iterator[None]:
+    """The context every measurement on training batches runs in (LISA importance, OwLore calibration, layer
+    diagnostics): eval mode, no grad and a forked random state, all put back after, so measuring does not change
+    training (iterating the training loader does not shift the data order; dropout does not draw).
+
+    Args:
+        module: the model; every submodule gets its own train/eval mode back.
+        seed: seed the CPU (and, with ``cuda``, the current CUDA device's) generator inside, so a model that
+            draws at random in eval mode (MAE masking) draws alike at every measurement.
+        cuda: fork (and seed) the current CUDA device's random state too.
+    """
+    modes = {sub: sub.training for sub in module.modules()}
+    devices = [torch.cuda.current_device()] if cuda else []
     module.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            if seed is not None:
+                torch.random.default_generator.manual_seed(seed)
+                if devices:
+                    torch.cuda.manual_seed(seed)  # the current device only: the one fork_rng restores
             yield
     finally:
-        module.train(was_training)
+        for sub, training in modes.items():
+            sub.training = training
 
 
 def _has_forward(module: nn.Module) -> bool:

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from callbacks.finite_loss import NonFiniteLossError
+from callbacks.run.finite_loss import NonFiniteLossError
 
 
 def sft_warmup(model: torch.nn.Module, loader: DataLoader, steps: int, lr: float, device: torch.device) -> list[float]:

@@ -110,9 +110,11 @@ def log_auroc_table(loggers: list, csv_path: Path, png_path: Path) -> None:
     """Send the written table (``test/auroc_table``) and its bar plot (``test/auroc_plot``) to every W&B logger."""
     from lightning.pytorch.loggers import WandbLogger
 
+    from callbacks.core.image_log import log_image
+
     with Path(csv_path).open() as f:
         header, *rows = list(csv.reader(f))
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_table(key="test/auroc_table", columns=header, data=rows)
-            logger.log_image(key="test/auroc_plot", images=[str(png_path)])
+    log_image(loggers, "test/auroc_plot", Path(png_path))

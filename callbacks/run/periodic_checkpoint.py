@@ -9,12 +9,12 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks.core.atomic_checkpoint import checkpoint_dir
+from callbacks.run.atomic_checkpoint import checkpoint_dir
 
 
 class PeriodicLastCheckpoint(Callback):
     """Bounds the work a kill can lose: ``last.ckpt`` in the run's checkpoint folder is rewritten (atomically, with
-    :class:`~callbacks.core.atomic_checkpoint.AtomicCheckpointIO`) after a training step when ``every_n_minutes``
+    :class:`~callbacks.run.atomic_checkpoint.AtomicCheckpointIO`) after a training step when ``every_n_minutes``
     have passed or ``every_n_steps`` optimizer steps were taken since the last save, and once more when the fit ends.
 
     The time decision is taken by rank 0 and agreed by all ranks (one boolean all-reduce per step under DDP), so

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from callbacks.core.atomic_checkpoint import checkpoint_dir
+from callbacks.run.atomic_checkpoint import checkpoint_dir
 
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
