@@ -1,10 +1,18 @@
 """Drop-in Lightning callbacks for layer-wise training techniques.
 
-The top level holds what a user attaches to a run: ``LISA``, ``OwLore``, ``BAdam``, ``ProgressiveLayerDrop``,
-``LLDS``, ``LayerDiagnostics``, ``MAEReconstructionLogger``. :mod:`callbacks.run` holds run safety, what the
-recipes' CLI installs for every run (preemption, periodic and atomic checkpoints, finite-loss and empty-fit
-guards, resume settings, exact resume, run info, progress bar). :mod:`callbacks.core` holds the helpers the
-callbacks build on that are not callbacks themselves.
+The top level holds what a user attaches to a run:
+
+- ``lisa``: ``LISA``, layerwise importance sampling (a few blocks train at a time).
+- ``owlore``: ``OwLore``, outlier-weighted block sampling with GaLore low-rank gradients.
+- ``badam``: ``BAdam``, block coordinate descent over the blocks in a fixed or random order.
+- ``layer_drop``: ``ProgressiveLayerDrop``, blocks skipped with a rising, depth-scaled probability.
+- ``llds``: ``LLDS``, the likelihood-displacement regularizer for GRPO.
+- ``layer_diagnostics``: ``LayerDiagnostics``, per-block statistics and heatmaps during training.
+- ``mae_reconstruction``: ``MAEReconstructionLogger``, MAE reconstruction grids.
+
+``run`` holds run safety, what the recipes' CLI installs for every run (preemption, periodic and atomic
+checkpoints, finite-loss and empty-fit guards, resume settings, exact resume, run info, progress bar); ``core``
+holds the helpers the callbacks build on that are not callbacks themselves.
 
 Names are imported lazily, so ``class_path: callbacks.LISA`` in a YAML only imports what it uses.
 """

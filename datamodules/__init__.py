@@ -1,4 +1,20 @@
-"""Data modules shared by all recipes (imported lazily, so a YAML only imports what it uses)."""
+"""Data modules shared by all recipes and what they build on.
+
+- ``instruction``: ``InstructionDataModule``, instruction tuning from local files or the synthetic tasks.
+- ``verifiable_qa``: ``VerifiableQADataModule``, prompts with checkable answers for GRPO.
+- ``chestxray14`` / ``chexpert``: ``ChestXray14DataModule`` / ``CheXpertDataModule``, the X-ray sets as shipped.
+- ``xray_dataset`` / ``xray_transforms``: what the X-ray modules share: records, splits, the image pipeline.
+- ``phantom_cxr``: synthetic chest X-ray phantoms in the NIH and CheXpert folder formats.
+- ``jsonl_records`` / ``chat_encoding``: reading instruction records; chat messages to token ids and labels.
+- ``tokenizer``: local Hugging Face tokenizers or the built-in character tokenizer.
+- ``rewards``: verifiable rewards and the guard that calls any reward function.
+- ``synthetic_tasks`` / ``generated``: the built-in tasks and the folder generated defaults are written to once.
+- ``holdout``: a seeded validation share of a training file.
+- ``resumable_sampler``: a shuffling sampler that resumes mid-epoch identically on every rank.
+- ``diversity``: generation diversity metrics and the CRC proxy task.
+
+The data module classes are imported lazily, so a YAML only imports what it uses.
+"""
 
 import importlib
 

@@ -4,6 +4,7 @@ and every command."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -50,3 +51,16 @@ def test_the_readme_layout_names_every_callback_and_command():
     assert not missing, f"README layout table does not name: {missing}"
     main_row = next(line for line in layout.splitlines() if line.startswith("| `recipes/__main__.py` |"))
     assert [c for c in COMMANDS if f"`{c}`" not in main_row] == []
+
+
+PACKAGES = sorted(p.parent for top in ("callbacks", "datamodules", "recipes")
+                  for p in (ROOT / top).rglob("__init__.py"))
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_package_docstring_lists_its_modules(package):
+    doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    names = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    names += sorted(p.name for p in package.iterdir() if (p / "__init__.py").is_file())
+    missing = [n for n in names if f"``{n}``" not in doc]
+    assert not missing, f"{package.relative_to(ROOT)}/__init__.py's docstring does not list {missing}"
