@@ -22,11 +22,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from callbacks.core.blocks import find_blocks
+from callbacks.core.unused_parameters import allow_unused_parameters
 
 
 class ProgressiveLayerDrop(L.Callback):
@@ -38,9 +38,9 @@ class ProgressiveLayerDrop(L.Callback):
 
     One Bernoulli draw per block is made at the start of every training batch (one draw for the whole
     micro-batch, as in the paper) from a seeded CPU ``torch.Generator``, identical on every rank, so all DDP ranks
-    skip the same blocks. Skipped blocks leave their parameters without gradients: under DDP use
-    ``strategy="ddp_find_unused_parameters_true"``. Drawing once per batch (not per block call) also keeps
-    gradient checkpointing consistent: the recomputation sees the same mask.
+    skip the same blocks. Skipped blocks leave their parameters without gradients, so the callback switches DDP's
+    ``find_unused_parameters`` on in ``setup`` (plain ``strategy="ddp"`` works). Drawing once per batch (not per
+    block call) also keeps gradient checkpointing consistent: the recomputation sees the same mask.
 
     Args:
         theta_bar: the keep ratio theta(t) decays to (paper: 0.5). ``1.0`` disables dropping.
@@ -163,11 +163,13 @@ class ProgressiveLayerDrop(L.Callback):
 
     # -------------------------------------------------------------------------------------------- hooks
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before the model is wrapped: skipped blocks have no gradient under DDP
+            allow_unused_parameters(trainer, type(self).__name__)
+
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.install(pl_module)
-        if trainer.world_size > 1 and not getattr(trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
-            rank_zero_warn("ProgressiveLayerDrop leaves the parameters of skipped blocks without gradients; under DDP "
-                           "use strategy='ddp_find_unused_parameters_true'.")
 
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,

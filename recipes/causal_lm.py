@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.tokenizer import load_tokenizer
 from recipes.checkpoints import record_module_class
-from recipes.parts.chunked_head import chunked_cross_entropy, last_hidden_state, split_lm
+from recipes.parts.chunked_head import chunked_cross_entropy, chunked_head_matches, last_hidden_state, split_lm
 from recipes.parts.hf_model import (
     build_causal_lm,
     check_sequence_lengths,
@@ -80,7 +80,8 @@ class CausalLMModule(L.LightningModule):
         max_new_tokens: generation budget for exact-match answers.
         loss_chunk_size: labelled positions projected through the output head at a time for the loss (fp32
             full-vocabulary logits exist for one chunk only, in forward and backward; see
-            ``recipes.parts.chunked_head``); ``None`` computes the plain Hugging Face loss.
+            ``recipes.parts.chunked_head``); ``None`` computes the plain Hugging Face loss, as does a model whose
+            logits are not ``head(hidden)`` (checked on the first batch, with a warning).
     """
 
     # the settings that define the trained model: a resumed run must give the checkpoint's (recipes.resume)
@@ -157,7 +158,7 @@ class CausalLMModule(L.LightningModule):
     def lm_loss(self, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled (response) tokens of ``batch``."""
         chunk = self.hparams.loss_chunk_size
-        if chunk is None:
+        if chunk is None or not chunked_head_matches(self.model, batch["input_ids"]):
             return self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False).loss
         hidden = last_hidden_state(self.model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return chunked_cross_entropy(hidden[:, :-1], split_lm(self.model)[1], batch["labels"][:, 1:], chunk)

@@ -18,14 +18,15 @@ def _ddp_main(out_dir: str) -> None:
 
     class Recorder(L.Callback):
         def __init__(self):
-            self.history = []
+            self.history, self.find_unused = [], None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.history.append(list(lisa.active))
+            self.find_unused = trainer.strategy.model.find_unused_parameters  # the DDP wrapper's own setting
 
     lisa, rec = LISA(n_layers=1, interval=2, seed=3), Recorder()
     module = TinyModule()
-    tr = trainer([lisa, rec], 6, out_dir, strategy="ddp_find_unused_parameters_true", devices=2)
+    tr = trainer([lisa, rec], 6, out_dir, strategy="ddp", devices=2)  # plain DDP: LISA sets what it needs
 
     class RankData(L.LightningDataModule):
         def train_dataloader(self):
@@ -33,7 +34,8 @@ def _ddp_main(out_dir: str) -> None:
 
     tr.fit(module, datamodule=RankData())
     state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
-    torch.save({"weights": state, "history": rec.history}, f"{out_dir}/rank{tr.global_rank}.pt")
+    torch.save({"weights": state, "history": rec.history, "find_unused": rec.find_unused},
+               f"{out_dir}/rank{tr.global_rank}.pt")
 
 
 if __name__ == "__main__":

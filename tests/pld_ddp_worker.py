@@ -18,10 +18,11 @@ from tests.conftest import VOCAB, TinyModule  # noqa: E402
 
 class Recorder(L.Callback):
     def __init__(self, pld: ProgressiveLayerDrop):
-        self.pld, self.masks = pld, []
+        self.pld, self.masks, self.find_unused = pld, [], None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # runs after the callback drew
         self.masks.append(list(self.pld.keep))
+        self.find_unused = trainer.strategy.model.find_unused_parameters  # the DDP wrapper's own setting
 
 
 def main(out: Path) -> None:
@@ -32,11 +33,12 @@ def main(out: Path) -> None:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
     trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[pld, recorder],
-                        strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=True))
+                        strategy=DDPStrategy(process_group_backend="gloo"))  # plain DDP: the callback adjusts it
     module = TinyModule(optimizer_cls=torch.optim.SGD, lr=0.1)
     trainer.fit(module, loader)
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    torch.save({"masks": recorder.masks, "weights": weights}, out / f"rank{trainer.global_rank}.pt")
+    torch.save({"masks": recorder.masks, "weights": weights, "find_unused": recorder.find_unused},
+               out / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

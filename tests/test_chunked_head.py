@@ -111,3 +111,118 @@ def test_sft_module_chunked_loss_equals_plain_loss(lora, tmp_path):
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="loss_chunk_size"):
         CausalLMModule(model_config=tiny, tokenizer_name="char", loss_chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The chunked path checks the model, not a list: families whose logits are not head(hidden) get the plain path.
+TRANSFORMED = {  # tiny random-init models whose logits transform head(hidden); built locally, no download
+    "granite": {**TINY_LM_CONFIG, "model_type": "granite", "logits_scaling": 4.0},
+    "gemma2": {**TINY_LM_CONFIG, "model_type": "gemma2", "head_dim": 16, "final_logit_softcapping": 0.5},
+}
+PLAIN = {"llama": {**TINY_LM_CONFIG}, "qwen2": {**TINY_LM_CONFIG, "model_type": "qwen2"}}
+
+
+def _hf_model(config: dict, vocab: int = 97, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    cfg = dict(config)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), vocab_size=vocab, **cfg)
+                                            ).to(dtype)
+
+
+def _rollout(vocab: int = 97):
+    g = torch.Generator().manual_seed(1)
+    prompt, completion = torch.randint(0, vocab, (3, 6), generator=g), torch.randint(0, vocab, (3, 7), generator=g)
+    prompt_mask, cmask = torch.ones_like(prompt), torch.ones_like(completion)
+    prompt_mask[1, :2] = 0  # a left-padded prompt
+    cmask[2, 5:] = 0  # a completion that stopped early
+    return prompt, prompt_mask, completion, cmask
+
+
+def _plain_logprobs(model, prompt, prompt_mask, completion, cmask, temperature):
+    """log_softmax of the model's own full logits, gathered at the completion tokens."""
+    mask = torch.cat([prompt_mask, cmask], 1)
+    logits = model(input_ids=torch.cat([prompt, completion], 1), attention_mask=mask,
+                   position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits[:, prompt.shape[1] - 1:-1]
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def sft_batch(tmp_path_factory):
+    from datamodules.instruction import InstructionDataModule
+
+    dm = InstructionDataModule(synthetic_dir=str(tmp_path_factory.mktemp("sft")), synthetic_train_size=8,
+                               batch_size=4)
+    dm.prepare_data()
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("family", sorted(TRANSFORMED))
+def test_sft_loss_of_a_transforming_model_is_its_own_loss(family, sft_batch):
+    from recipes.causal_lm import CausalLMModule
+
+    module = CausalLMModule(model_config=TRANSFORMED[family], tokenizer_name="char", loss_chunk_size=5)
+    module.configure_model()
+    batch = sft_batch
+    own = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=batch["labels"]).loss
+    with pytest.warns(UserWarning, match="transforms its logits"):
+        loss = module.lm_loss(batch)
+    torch.testing.assert_close(loss, own, atol=1e-5, rtol=0)
+    torch.testing.assert_close(module.lm_loss(batch), own, atol=1e-5, rtol=0)  # decided once: no second warning
+
+
+@pytest.mark.parametrize("family", sorted(TRANSFORMED))
+def test_grpo_logprobs_of_a_transforming_model_are_a_log_softmax_of_its_logits(family):
+    from recipes.grpo.logprobs import completion_logprobs
+
+    model = _hf_model(TRANSFORMED[family])
+    rollout = _rollout()
+    expected = _plain_logprobs(model, *rollout, temperature=0.7)
+    with pytest.warns(UserWarning, match="transforms its logits"):
+        logp, ent = completion_logprobs(model, *rollout, temperature=0.7, chunk_size=3, entropy=True)
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=0)
+    assert ent is not None and ent.shape == expected.shape
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("qwen2", torch.float32),
+                                          ("llama", torch.bfloat16)])
+def test_plain_families_keep_the_chunked_path(family, dtype, sft_batch):
+    from recipes.grpo.logprobs import completion_logprobs
+
+    model = _hf_model(PLAIN[family], dtype=dtype)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))  # the model's own full forward
+    rollout = _rollout()
+    for _ in range(2):
+        logp, _ = completion_logprobs(model, *rollout, temperature=0.7, chunk_size=3)
+    assert len(calls) <= 1, "only the one probe may run the full forward: the chunked path was not kept"
+    if dtype == torch.float32:
+        torch.testing.assert_close(logp, _plain_logprobs(model, *rollout, temperature=0.7), atol=1e-5, rtol=0)
+
+
+def test_sft_module_of_a_plain_family_keeps_the_chunked_loss(sft_batch):
+    from recipes.causal_lm import CausalLMModule
+
+    module = CausalLMModule(model_config=PLAIN["qwen2"], tokenizer_name="char", loss_chunk_size=5)
+    module.configure_model()
+    calls = []
+    module.model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    module.lm_loss(sft_batch)
+    module.lm_loss(sft_batch)
+    assert len(calls) <= 1  # the probe at most: the loss itself is chunked
+
+
+def test_the_probe_restores_modes_and_copies_keep_the_verdict():
+    import copy
+
+    from recipes.parts.chunked_head import chunked_head_matches
+
+    model = _hf_model(TRANSFORMED["granite"]).train()
+    model.model.layers[0].eval()  # a mode the user chose stays as it was
+    before = {name: m.training for name, m in model.named_modules()}
+    ids = torch.randint(0, 97, (2, 9))
+    with pytest.warns(UserWarning, match="GraniteForCausalLM transforms its logits"):
+        assert chunked_head_matches(model, ids) is False
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert chunked_head_matches(copy.deepcopy(model), ids) is False  # GRPO's reference copy: no second probe

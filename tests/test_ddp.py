@@ -1,4 +1,5 @@
-"""Every recipe under two-process DDP (gloo, CPU): identical weights and identical callback choices on both ranks."""
+"""Every recipe under two-process plain DDP (``--trainer.strategy=ddp``, as the README shows; gloo, CPU): identical
+weights and identical callback choices on both ranks. Callbacks that freeze or skip blocks set DDP up themselves."""
 
 import json
 import os
@@ -19,7 +20,7 @@ def test_two_rank_ddp_stays_in_sync(path, tmp_path):
     out = tmp_path / "ranks"
     cmd = [sys.executable, "-m", "recipes", "fit", "--config", str(path), "--wandb=disabled",
            f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.accelerator=cpu", "--trainer.devices=2",
-           "--trainer.strategy=ddp_find_unused_parameters_true", "--trainer.max_steps=4",
+           "--trainer.strategy=ddp", "--trainer.max_steps=4",
            "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1.0",
            "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
            "--trainer.callbacks+=tests.probe_callbacks.RankStateDump", f"--trainer.callbacks.out_dir={out}",

@@ -169,6 +169,9 @@ def _hand_rollout(m: GRPOModule, prompts: int = 2) -> Rollout:
 
 
 def _count_forwards(m: GRPOModule) -> list[int]:
+    from recipes.parts.chunked_head import chunked_head_matches
+
+    assert chunked_head_matches(m.model, torch.ones(1, 4, dtype=torch.long))  # its one probe: not counted below
     calls = [0]
     m.model.get_input_embeddings().register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls

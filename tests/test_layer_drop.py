@@ -218,12 +218,13 @@ def test_logs_theta_and_fraction_computed(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_ddp_stays_in_sync(tmp_path):
+def test_two_rank_plain_ddp_stays_in_sync(tmp_path):
     worker = Path(__file__).with_name("pld_ddp_worker.py")
     proc = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["find_unused"] is r1["find_unused"] is True  # plain DDPStrategy: the callback switched it on itself
     assert r0["masks"] == r1["masks"] and len(r0["masks"]) == 6
     assert any(not all(m) for m in r0["masks"]), "no block was ever dropped: the test would prove nothing"
     for name, w in r0["weights"].items():

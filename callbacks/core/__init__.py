@@ -10,6 +10,8 @@
 - ``heatmap``: ``draw_heatmap``, the blocks x time picture of one per-block metric.
 - ``image_log``: ``log_image``, one image to every logger that shows images (W&B, TensorBoard).
 - ``galore``: ``GaLoreAdamW``, the low-rank-gradient optimizer OwLore trains with.
+- ``unused_parameters``: ``allow_unused_parameters``, the DDP/FSDP setting a callback that freezes or skips blocks
+  needs (set in its ``setup``, before the model is wrapped).
 - ``policy_tokens``: ``PolicyTokens``, the per-token batch GRPO hands to registered loss terms (LLDS).
 
 ``recipes`` imports these downward; nothing here imports ``recipes``.

@@ -14,9 +14,11 @@ so optimizer memory is bounded by the trainable-now parameters; a block drawn ag
 one drawn again while still active keeps them.
 
 Requirements:
-    * DDP: parameters frozen mid-run produce no gradients, so use ``strategy: ddp_find_unused_parameters_true``.
-      Every rank draws the same blocks (seeded CPU generator, saved in the checkpoint).
-    * FSDP: use ``use_orig_params=True`` so ``requires_grad`` can differ inside a flattened unit.
+    * DDP: parameters frozen mid-run produce no gradients, so the callback switches DDP's
+      ``find_unused_parameters`` on in ``setup`` (:mod:`callbacks.core.unused_parameters`); plain
+      ``strategy: ddp`` works. Every rank draws the same blocks (seeded CPU generator, saved in the checkpoint).
+    * FSDP: ``use_orig_params=True`` (Lightning's default) so ``requires_grad`` can differ inside a flattened unit;
+      ``False`` is refused before training.
     * Gradient checkpointing: with reentrant checkpointing and a frozen embedding, the input of the first block
       must require grad; the callback calls ``enable_input_require_grads()`` on a Hugging Face model for you.
 """
@@ -31,6 +33,7 @@ from torch import nn
 from typing_extensions import override
 
 from callbacks.core.blocks import ModelParts, find_blocks
+from callbacks.core.unused_parameters import allow_unused_parameters
 
 
 class BlockSwitching(Callback):
@@ -94,6 +97,11 @@ class BlockSwitching(Callback):
         raise NotImplementedError(f"{type(self).__name__} must say which blocks train next: override draw()")
 
     # ----------------------------------------------------------------------------------------------- setup
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before the model is wrapped: frozen blocks have no gradient under DDP
+            allow_unused_parameters(trainer, type(self).__name__)
+
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         parts = find_blocks(pl_module, self.blocks_path)

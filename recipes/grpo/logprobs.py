@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 
 from recipes.grpo.loss import token_entropy, token_logprobs
-from recipes.parts.chunked_head import chunked_token_logprobs, last_hidden_state, split_lm
+from recipes.parts.chunked_head import (
+    PROBE_TOKENS,
+    chunked_head_matches,
+    chunked_token_logprobs,
+    last_hidden_state,
+    split_lm,
+)
 
 
 def _inputs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor,
@@ -36,16 +42,18 @@ def completion_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt
     """log pi(completion token | prefix) [N, T] at ``temperature``, and with ``entropy`` the (detached) entropies.
 
     With ``chunk_size`` the decoder runs once and the head projects that many positions at a time, so no fp32
-    full-vocabulary logits exist for more than one chunk; ``None`` projects every position at once.
+    full-vocabulary logits exist for more than one chunk; ``None`` projects every position at once, as does a
+    model whose logits are not ``head(hidden)`` (checked once per model, with a warning).
     """
-    if chunk_size is None:
+    inputs = _inputs(prompt_ids, prompt_mask, completion, cmask)
+    if chunk_size is None or not chunked_head_matches(model, inputs["input_ids"][:, -PROBE_TOKENS:]):
         logits = completion_logits(model, prompt_ids, prompt_mask, completion, cmask)
         ent = None
         if entropy:
             with torch.no_grad():
                 ent = token_entropy(logits, temperature)
         return token_logprobs(logits, completion, temperature), ent
-    hidden = last_hidden_state(model, **_inputs(prompt_ids, prompt_mask, completion, cmask))
+    hidden = last_hidden_state(model, **inputs)
     t = completion.shape[1]
     return chunked_token_logprobs(hidden[:, -t - 1:-1], split_lm(model)[1], completion, temperature, chunk_size,
                                   entropy)

@@ -71,7 +71,8 @@ class GRPOModule(L.LightningModule):
         val_max_new_tokens: greedy answer budget in validation (``val/accuracy``).
         logprob_chunk_size: completion positions projected through the output head at a time when computing
             log-probs and entropies (fp32 full-vocabulary logits exist for one chunk only, in forward and
-            backward; see ``recipes.parts.chunked_head``); ``None`` projects all positions of a pass at once.
+            backward; see ``recipes.parts.chunked_head``); ``None`` projects all positions of a pass at once, as
+            does a model whose logits are not ``head(hidden)`` (checked once per model, with a warning).
         logprob_batch_size: completions per forward of the no-grad old-policy and reference log-prob passes;
             ``None`` uses the update mini-batch size (completions / ``num_mini_batches``).
         zero_reward_patience: warn when every reward of this many consecutive rollout batches is 0.

@@ -7,17 +7,23 @@ computed once and only ``chunk_size`` positions at a time are projected, upcast 
 each chunk is checkpointed (non-reentrant), so backward recomputes one chunk's logits at a time as well. Peak
 memory of this part is then ~``chunk_size x V x 4`` bytes times a small constant (logits, log-softmax, gradient),
 whatever the number of positions.
+
+This holds only for a model whose logits really are ``head(hidden)``. Some families transform them (Granite's
+``logits_scaling``, Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale``, and whatever a later family
+adds), so no list of config fields is trusted: :func:`chunked_head_matches` runs the model's own forward once on
+a few tokens and compares; callers use the plain full-logits path (with a warning) when they differ.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# Config fields of models whose logits are not ``head(hidden)`` (Gemma-2's soft-capping, Cohere's logit scale).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
+PROBE_TOKENS = 16  # tokens of the probe that checks a model's logits against head(hidden), once per model
+_VERDICT = "_chunked_head_matches"  # attribute on the base model: copies (GRPO's reference) inherit the verdict
 
 
 def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -32,11 +38,48 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if config is None or head is None or decoder is None or decoder is base:
         raise ValueError(f"Chunked log-probs need a Hugging Face causal LM with a decoder and an output head; "
                          f"{type(base).__name__} has none")
-    for key in _LOGIT_TRANSFORMS:
-        if getattr(config, key, None) not in (None, 0, 1, 1.0):
-            raise ValueError(f"{type(base).__name__} transforms its logits ({key}={getattr(config, key)}); "
-                             "chunked log-probs do not support it: set the chunk size to None")
     return decoder, head
+
+
+def chunked_head_matches(model: nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether ``head(last_hidden_state)`` gives the model's own logits, so the chunked functions equal its loss.
+
+    Checked once per model (the verdict is kept on it, and on copies of it) on the first ``PROBE_TOKENS`` tokens
+    of the first row of ``input_ids``, with every module in eval mode for the probe (modes restored after), and no
+    gradient. A model that transforms its logits (scaling, soft-capping, ...) fails the check; the caller then
+    uses the model's full logits instead, and one warning says so.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    verdict = getattr(base, _VERDICT, None)
+    if verdict is None:
+        difference = _probe_difference(model, input_ids[:1, :PROBE_TOKENS])
+        verdict = difference is None
+        setattr(base, _VERDICT, verdict)
+        if not verdict:
+            rank_zero_warn(f"{type(base).__name__} transforms its logits (they differ from head(hidden state) by "
+                           f"up to {difference:.3g} on a probe: a logit scaling or soft-capping), so chunked log-probs "
+                           "and loss would be wrong; they are computed from the model's full logits instead (more "
+                           "memory). Set loss_chunk_size / logprob_chunk_size to null to silence this.")
+    return verdict
+
+
+@torch.no_grad()
+def _probe_difference(model: nn.Module, ids: torch.Tensor) -> float | None:
+    """The largest difference between the model's own logits and ``head(hidden)`` on ``ids``, or ``None`` when they
+    agree to a few rounding steps of the logits' precision (both paths run the same head on the same states)."""
+    _, head = split_lm(model)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()  # no dropout: both passes must see the same states
+    try:
+        out = model(input_ids=ids, use_cache=False)
+        own = out.logits if hasattr(out, "logits") else out[0]
+        ours = head(last_hidden_state(model, input_ids=ids))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    tolerance = 4 * torch.finfo(own.dtype).eps * own.float().abs().clamp(min=1.0)
+    difference = (own.float() - ours.float()).abs()
+    return None if bool((difference <= tolerance).all()) else float(difference.max())
 
 
 def last_hidden_state(model: nn.Module, **inputs) -> torch.Tensor:
