@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.jsonl_records import read_instruction_file
+from datamodules.instruction_records import read_instruction_file
 from datamodules.rewards import GSM8KReward, RewardFn
 from recipes.parts.hf_model import check_sequence_lengths
 
