@@ -234,7 +234,7 @@ def load_source(source: str | Path | DatasetSpec, cache_dir: str | None = None) 
 def _load_named(spec: DatasetSpec, cache_dir: str | None) -> datasets.Dataset:
     try:
         loaded = datasets.load_dataset(spec.name, spec.subset, revision=spec.revision, cache_dir=cache_dir)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ConnectionError) as err:
         raise FileNotFoundError(f"{spec}: not found locally or in the Hugging Face cache ({err}); without network "
                                 "(HF_HUB_OFFLINE=1) a data set loads only from a local folder or the cache") from err
     except ValueError as err:

@@ -30,7 +30,6 @@ from datamodules.rewards import BUILTIN_REWARDS, RewardFn, normalize_reference
 from datamodules.synthetic_tasks import TASKS, make_problems
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
 
-
 VERIFIABLE_FORMATS = ("auto", "gsm8k", "qa")
 
 
