@@ -115,10 +115,14 @@ def test_given_data_format_overrides_detection(tmp_path):
         InstructionDataModule(data_format="chatml")
 
 
+def _parquet_with_a_null(d):
+    rows = [{"instruction": "a", "output": "1"}, {"instruction": "b", "output": None}]
+    pq.write_table(pa.Table.from_pylist(rows), d / "p.parquet")
+    return d / "p.parquet"
+
+
 BAD_SOURCES = {
-    "parquet_null_field": (lambda d: pq.write_table(pa.Table.from_pylist(
-        [{"instruction": "a", "output": "1"}, {"instruction": "b", "output": None}]), d / "p.parquet") or d / "p.parquet",
-        r"p\.parquet row 1: field 'output' must be a string"),
+    "parquet_null_field": (_parquet_with_a_null, r"p\.parquet row 1: field 'output' must be a string"),
     "sharegpt_unknown_speaker": (lambda d: _jsonl(d / "s.jsonl", [{"conversations": [
         {"from": "human", "value": "x"}, {"from": "bot", "value": "y"}]}]),
         r"s\.jsonl:1: conversations\[1\] has from 'bot'; expected human, user, gpt, assistant, system"),
