@@ -11,8 +11,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.chat_encoding import collate_examples
 from datamodules.generated import generate_once, keyed_dir
-from datamodules.holdout import holdout_indices
-from datamodules.instruction_records import encode_source
+from datamodules.instruction_records import encode_source, split_once
 from datamodules.jsonl_records import DataError
 from datamodules.record_forms import DataFormat, check_format_args
 from datamodules.record_sources import DatasetSpec, load_source
@@ -137,8 +136,8 @@ class InstructionDataModule(L.LightningDataModule):
         files = self.files()
         train = self._encode(files["train"])
         if files["val"] is None:
-            keep, held = holdout_indices(len(train), self.hparams.val_fraction, self.hparams.seed, files["train"])
-            train, val = train.select(keep), train.select(held)
+            train, val = split_once(train, self.hparams.val_fraction, self.hparams.seed, files["train"],
+                                    self.hparams.cache_dir)
         else:
             val = self._encode(files["val"])
         self.datasets = {"train": train.select_columns(["input_ids", "labels"]), "val": val}

@@ -17,6 +17,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from datamodules.chat_encoding import encode_chat, encode_prompt
+from datamodules.holdout import holdout_indices
 from datamodules.record_forms import record_to_messages
 from datamodules.record_sources import DatasetSpec, RecordSource, load_source, quiet_progress
 
@@ -38,6 +39,26 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     blob = json.dumps([type(tokenizer).__name__, core, tokenizer.chat_template, tokenizer.all_special_tokens,
                        tokenizer.pad_token_id], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _cache_folder(cache_dir: str | None) -> Path:
+    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "layerwise_tokenized"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def split_once(encoded: datasets.Dataset, fraction: float, seed: int, source: str,
+               cache_dir: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(train, val)`` with a seeded ``fraction`` held out (``holdout_split``), written once as two arrow files,
+    so the next start opens them instead of holding an index per record in memory."""
+    key = hashlib.sha256(json.dumps([encoded._fingerprint, fraction, seed]).encode()).hexdigest()[:32]
+    paths = [_cache_folder(cache_dir) / f"{key}-{split}.arrow" for split in ("train", "val")]
+    if all(p.is_file() for p in paths):
+        return datasets.Dataset.from_file(str(paths[0])), datasets.Dataset.from_file(str(paths[1]))
+    parts = holdout_indices(len(encoded), fraction, seed, source)
+    with quiet_progress():
+        return tuple(encoded.select(rows).flatten_indices(cache_file_name=str(path))  # type: ignore[return-value]
+                     for rows, path in zip(parts, paths, strict=True))
 
 
 def _source_files(source: RecordSource) -> list:
@@ -72,8 +93,7 @@ def encode_source(source: RecordSource, tokenizer: PreTrainedTokenizerBase, max_
                       "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length,
                       "data_format": data_format, "columns": columns, "version": ENCODING_VERSION}, sort_keys=True)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:32]
-    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "layerwise_tokenized"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _cache_folder(cache_dir)
     kwargs = {"name": source.name, "json_text": source.json_text, "tokenizer": tokenizer, "max_length": max_length,
               "data_format": data_format, "columns": columns}
     with quiet_progress() if len(source) < QUIET_BELOW else nullcontext():
