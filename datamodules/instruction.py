@@ -114,11 +114,14 @@ class InstructionDataModule(L.LightningDataModule):
         return {split: d / f"{split}.jsonl" for split in ("train", "val", "test")}
 
     def prepare_data(self) -> None:
-        if self.hparams.train_file is None and self.hparams.dataset is None:
-            hp = self.hparams
+        """Write the synthetic tasks when they are used, then load and tokenize once (on one process per node),
+        so that every rank's ``setup`` opens the cached result instead of tokenizing too."""
+        hp = self.hparams
+        if hp.train_file is None and hp.dataset is None:
             generate_once(hp.synthetic_dir, hp.synthetic_format, self._synthetic_key(),
                           lambda d: write_synthetic_splits(d, hp.synthetic_format, n_train=hp.synthetic_train_size,
                                                            seed=hp.seed, tasks=tuple(hp.synthetic_tasks)))
+        self._splits()
 
     def files(self) -> dict[str, str | Path | DatasetSpec | None]:
         """The source of each split: a file or folder, a data set split, or ``None``."""
@@ -133,6 +136,11 @@ class InstructionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        self.datasets = self._splits()
+        rank_zero_info("Instruction data: " + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items()))
+
+    def _splits(self) -> dict:
+        """Every split, tokenized (from the cache when it was tokenized before)."""
         files = self.files()
         train = self._encode(files["train"])
         if files["val"] is None:
@@ -140,10 +148,10 @@ class InstructionDataModule(L.LightningDataModule):
                                     self.hparams.cache_dir)
         else:
             val = self._encode(files["val"])
-        self.datasets = {"train": train.select_columns(["input_ids", "labels"]), "val": val}
+        splits = {"train": train.select_columns(["input_ids", "labels"]), "val": val}
         if files["test"] is not None:
-            self.datasets["test"] = self._encode(files["test"])
-        rank_zero_info("Instruction data: " + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items()))
+            splits["test"] = self._encode(files["test"])
+        return splits
 
     def _encode(self, source: str | Path | DatasetSpec):
         """The tokenized records of one source (cached by fingerprint, memory-mapped)."""

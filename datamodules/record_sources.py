@@ -218,7 +218,8 @@ def load_source(source: str | Path | DatasetSpec, cache_dir: str | None = None) 
             return RecordSource(_load_json_text(path, form, cache_dir), str(path), json_text=True)
         if form == "save_to_disk":
             loaded = datasets.load_from_disk(str(path))
-            return RecordSource(_single(loaded, str(path), "train" if "train" in loaded else None), str(path), False)
+            split = "train" if isinstance(loaded, datasets.DatasetDict) and "train" in loaded else None
+            return RecordSource(_single(loaded, str(path), split), str(path), json_text=False)
         if form == "folder":
             return RecordSource(_load_named(DatasetSpec(str(path)), cache_dir), str(path), json_text=False)
         builder, extra = {"parquet": ("parquet", {}), "arrow": ("arrow", {}),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -75,21 +76,26 @@ def _pack(batch: dict, indices: list[int], *, tokenizer: PreTrainedTokenizerBase
     return {"input_ids": [stream[k:k + block] for k in range(0, len(stream) - block + 1, block)]}
 
 
-def pack_documents(docs: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, key: dict,
-                   num_proc: int, cache_dir: str | None, name: str) -> datasets.Dataset:
-    """Blocks of ``max_length`` tokens from the documents (the tail of each 1,000 documents that fills no block is
-    dropped), cached under a fingerprint of ``key``, the tokenizer and the settings."""
+def pack_documents(select: Callable[[], datasets.Dataset], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                   key: dict, num_proc: int, cache_dir: str | None, name: str) -> datasets.Dataset:
+    """Blocks of ``max_length`` tokens from the documents ``select()`` gives (the tail of each 1,000 documents that
+    fills no block is dropped), cached under a fingerprint of ``key``, the tokenizer and the settings; when the
+    blocks are cached, the documents are not selected at all."""
     blob = json.dumps({**key, "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length,
                        "num_proc": num_proc, "version": PACKING_VERSION}, sort_keys=True)
     fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:32]
     folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "layerwise_packed"
     folder.mkdir(parents=True, exist_ok=True)
+    cached = folder / f"{fingerprint}.arrow"
+    if cached.is_file():
+        return datasets.Dataset.from_file(str(cached))
+    docs = select()
     with quiet_progress():
         return docs.map(_pack, batched=True, batch_size=1000, with_indices=True, remove_columns=docs.column_names,
                         fn_kwargs={"tokenizer": tokenizer, "column": docs.column_names[0], "block": max_length,
                                    "name": name},
                         num_proc=num_proc if num_proc > 1 and len(docs) >= num_proc else None,
-                        cache_file_name=str(folder / f"{fingerprint}.arrow"), new_fingerprint=fingerprint,
+                        cache_file_name=str(cached), new_fingerprint=fingerprint,
                         load_from_cache_file=True)
 
 
@@ -172,31 +178,47 @@ class TextCorpusDataModule(L.LightningDataModule):
         return shard_paths(list(hp.files))
 
     def prepare_data(self) -> None:
+        """Write the synthetic corpus when it is used, then pack once (on one process per node), so that every
+        rank's ``setup`` opens the cached blocks."""
         hp = self.hparams
         if hp.files is None:
             generate_once(hp.synthetic_dir, "corpus", self._synthetic_key(),
                           lambda d: write_synthetic_corpus(d, hp.synthetic_train_size, hp.seed,
                                                            tuple(hp.synthetic_tasks)))
+        self._splits()
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        self.datasets, docs = self._splits()
+        rank_zero_info(f"Text corpus: {docs} documents; blocks of {self.hparams.max_length} tokens: "
+                       + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items()))
+
+    def _splits(self) -> tuple[dict[str, datasets.Dataset], int]:
+        """The packed train and val blocks (from the cache when packed before), and the number of documents."""
         hp = self.hparams
+        splits = {}
         paths = self.shards()
         docs = load_documents(paths, hp.text_column, hp.cache_dir)
         name = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} shards)"
-        train, val = holdout_indices(len(docs), hp.val_fraction, hp.seed, name)
-        for split, rows in (("train", train), ("val", val)):
+        parts = {}
+
+        def select(split: str) -> datasets.Dataset:
+            if not parts:
+                train, val = holdout_indices(len(docs), hp.val_fraction, hp.seed, name)
+                parts.update(train=train, val=val)
+            return docs.select(parts[split])
+
+        for split in ("train", "val"):
             key = {"docs": docs._fingerprint, "shards": [[p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns]
                                                          for p in paths],
                    "split": split, "seed": hp.seed, "val_fraction": hp.val_fraction}
-            self.datasets[split] = pack_documents(docs.select(rows), self.tokenizer, hp.max_length, key,
-                                                  hp.num_proc, hp.cache_dir, name)
-            if len(self.datasets[split]) == 0:
-                raise DataError(f"{name}: the {split} documents ({len(rows)}) hold fewer than max_length="
+            splits[split] = pack_documents(lambda split=split: select(split), self.tokenizer, hp.max_length, key,
+                                           hp.num_proc, hp.cache_dir, name)
+            if len(splits[split]) == 0:
+                raise DataError(f"{name}: the {split} documents hold fewer than max_length="
                                 f"{hp.max_length} tokens, so they make no block; add text or lower max_length")
-        rank_zero_info(f"Text corpus: {len(docs)} documents; blocks of {hp.max_length} tokens: "
-                       + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items()))
+        return splits, len(docs)
 
     def _loader(self, split: str) -> DataLoader:
         dataset, batch_size = self.datasets[split], self.hparams.batch_size
