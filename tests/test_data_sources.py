@@ -1,8 +1,10 @@
 """The user's data as the ecosystem stores it: datasets folders, parquet, JSON arrays, CSV, ShareGPT, TRL
 prompt/completion, data sets by name from the local cache; errors that name source, row and column; tokenize once."""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
@@ -21,6 +23,7 @@ from datamodules.synthetic_tasks import make_problems
 from datamodules.verifiable_qa import VerifiableQADataModule
 
 PROBLEMS = make_problems(40, seed=7)
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _alpaca(p) -> dict:
@@ -232,3 +235,18 @@ def test_tokenizing_with_worker_processes_gives_the_same_data(tmp_path):
     one.setup()
     two.setup()
     assert two.datasets["train"]["labels"] == one.datasets["train"]["labels"]
+
+
+def test_tokenize_once_benchmark_measures_a_first_and_a_second_start(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("tokenize_once", BENCH / "tokenize_once.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.write_records(tmp_path / "d.jsonl", 40)
+    runs, written = [], []
+    for _ in range(2):  # what each child process of the benchmark does: set up, print one JSON line
+        bench.main(["--child", str(tmp_path / "d.jsonl"), "--cache", str(tmp_path / "cache")])
+        runs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        written.append({p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.arrow")})
+    assert [r["records"] for r in runs] == [40, 40]
+    assert {"seconds", "phase_peak_mb", "anon_growth_mb"} <= runs[1].keys()
+    assert len(written[0]) >= 4 and written[1] == written[0]  # the second start wrote nothing
