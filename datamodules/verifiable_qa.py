@@ -201,13 +201,14 @@ class VerifiableQADataModule(L.LightningDataModule):
                                                               hp.synthetic_val_size, hp.seed,
                                                               tuple(hp.synthetic_tasks), hp.synthetic_max_digits))
 
-    def files(self) -> dict[str, str | Path | None]:
+    def files(self) -> dict[str, str | Path | DatasetSpec | None]:
+        """The source of each split: a file or folder, a data set split, or ``None``."""
         hp = self.hparams
-        if hp.train_file is None:
-            return dict(self.synthetic_paths())
         if hp.dataset is not None:
             val = None if hp.val_split is None else DatasetSpec(hp.dataset, hp.val_split, hp.subset, hp.revision)
             return {"train": DatasetSpec(hp.dataset, hp.split, hp.subset, hp.revision), "val": val, "sft": hp.sft_file}
+        if hp.train_file is None:
+            return dict(self.synthetic_paths())
         return {"train": hp.train_file, "val": hp.val_file, "sft": hp.sft_file}
 
     def setup(self, stage: str | None = None) -> None:

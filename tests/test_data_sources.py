@@ -250,3 +250,20 @@ def test_tokenize_once_benchmark_measures_a_first_and_a_second_start(tmp_path, c
     assert [r["records"] for r in runs] == [40, 40]
     assert {"seconds", "phase_peak_mb", "anon_growth_mb"} <= runs[1].keys()
     assert len(written[0]) >= 4 and written[1] == written[0]  # the second start wrote nothing
+
+
+def test_an_error_in_a_tokenizing_worker_names_the_record(tmp_path):
+    rows = [{"instruction": "a", "output": "1"}] * 5 + [{"instruction": "b", "output": ["x"]}]
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d\.jsonl:6: field 'output' must be a string"):
+        InstructionDataModule(train_file=path, val_file=path, num_proc=2).setup()
+
+
+def test_verifiable_data_by_name(tmp_path):
+    cache = tmp_path / "cache"
+    rows = [{"question": f"What is {i}+1?", "answers": [str(i + 1)]} for i in range(10)]
+    cache_named_dataset(cache, "acme/qa", {"train": rows[:8], "test": rows[8:]}, tmp_path)
+    dm = VerifiableQADataModule(dataset="acme/qa", split="train", val_split="test", batch_size=4,
+                                cache_dir=str(cache))
+    dm.setup()
+    assert dm.form == "qa" and (len(dm.datasets["train"]), len(dm.datasets["val"])) == (8, 2)
