@@ -29,7 +29,7 @@ from pathlib import Path
 import datasets
 from datasets.exceptions import DatasetGenerationError
 
-from datamodules.jsonl_records import DataError
+from datamodules.jsonl_records import DataError, read_utf8
 
 READER_VERSION = 1  # bump when what the JSON readers store changes, so cached conversions are rebuilt
 JSON_FEATURES = datasets.Features({"where": datasets.Value("string"), "json": datasets.Value("string")})
@@ -160,8 +160,6 @@ def _jsonl_rows(path: str, size: int, mtime_ns: int, version: int) -> Iterator[d
 
 def _json_array_rows(path: str, size: int, mtime_ns: int, version: int) -> Iterator[dict]:
     """Rows of a JSON array file, each record as its JSON text; errors name the line and column of the file."""
-    from datamodules.jsonl_records import read_utf8
-
     text = read_utf8(path)
     try:
         records = json.loads(text)

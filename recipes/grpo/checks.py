@@ -38,7 +38,7 @@ def sft_answers_have_marker(data_hparams: dict) -> bool | None:
     path = Path(data_hparams["train_file"])
     if not path.is_file():
         return None
-    records = read_instruction_file(path)[:200]
+    records = read_instruction_file(path, data_hparams.get("data_format", "auto"), data_hparams.get("columns"))[:200]
     return any("####" in messages[-1]["content"] for _, messages in records)
 
 
