@@ -7,8 +7,8 @@ Accepted sources (the format is told from the file's contents first, then its na
   e.g. the original ``alpaca_data.json``): read by our own reader, so errors name the file and line (JSONL) or
   row (array) and records may mix value types (``"input": 0`` next to ``"input": "x"``). Each record is stored as
   its JSON text beside where it came from.
-- parquet, arrow (``datasets``' own files), CSV/TSV, and a folder written with ``save_to_disk``: their columns as
-  they are; errors name the source and the row index.
+- parquet, arrow (``datasets``' own files), CSV/TSV (every cell read as text, empty cells as empty strings), and a
+  folder written with ``save_to_disk``: their columns as they are; errors name the source and the row index.
 - a data set by name (``DatasetSpec``): ``load_dataset(name, subset, split=..., revision=...)``, which reads the
   local Hugging Face cache when ``HF_HUB_OFFLINE=1`` and downloads only when the network is allowed. A local folder
   of data files (a data set repository cloned by hand) is loaded the same way.
@@ -19,6 +19,7 @@ keyed by its path, size and modification time).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from collections.abc import Iterator
@@ -171,6 +172,17 @@ def _json_array_rows(path: str, size: int, mtime_ns: int, version: int) -> Itera
         yield {"where": f"{path} row {i}", "json": json.dumps(record, ensure_ascii=False)}
 
 
+def _text_columns(path: Path, sep: str) -> datasets.Features:
+    """Every column of a CSV/TSV file read as text (so ``007`` stays ``007`` and ``3.50`` stays ``3.50``)."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        try:
+            header = next(csv.reader(f, delimiter=sep), [])
+        except UnicodeDecodeError:
+            read_utf8(path)  # raises, naming the line and byte
+            raise
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
 def _load_json_text(path: Path, form: str, cache_dir: str | None) -> datasets.Dataset:
     if _first_text_char(path) is None:
         raise DataError(f"{path}: the file has no records (empty split)")
@@ -220,12 +232,15 @@ def load_source(source: str | Path | DatasetSpec, cache_dir: str | None = None) 
             return RecordSource(_single(loaded, str(path), split), str(path), json_text=False)
         if form == "folder":
             return RecordSource(_load_named(DatasetSpec(str(path)), cache_dir), str(path), json_text=False)
-        builder, extra = {"parquet": ("parquet", {}), "arrow": ("arrow", {}),
-                          "csv": ("csv", {"keep_default_na": False}),
-                          "tsv": ("csv", {"keep_default_na": False, "sep": "\t"})}[form]
+        builder, extra = form, {}
+        if form in ("csv", "tsv"):
+            sep = "\t" if form == "tsv" else ","
+            builder, extra = "csv", {"sep": sep, "keep_default_na": False, "features": _text_columns(path, sep)}
         try:
             loaded = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **extra)
         except (DatasetGenerationError, ValueError, OSError) as err:
+            if form in ("csv", "tsv"):
+                read_utf8(path)  # a text file that is not UTF-8: the error names the line and byte
             raise DataError(f"{path}: cannot be read as {form} ({err.__cause__ or err})") from err
         return RecordSource(loaded, str(path), json_text=False)
 

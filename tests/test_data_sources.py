@@ -107,6 +107,17 @@ def test_csv_with_a_columns_mapping(tmp_path):
         InstructionDataModule(train_file=path, val_file=path).setup()
 
 
+def test_csv_cells_are_text_exactly_as_written_and_must_be_utf8(tmp_path):
+    (tmp_path / "d.csv").write_text("instruction,input,output\nAdd,0,3\nAdd,,3.50\n")
+    dm = InstructionDataModule(train_file=str(tmp_path / "d.csv"), val_file=str(tmp_path / "d.csv"))
+    dm.setup()
+    assert dm.datasets["val"]["answer"] == ["3", "3.50"]
+    assert dm.tokenizer.decode(dm.datasets["val"][0]["prompt_ids"]).endswith("<|user|>Add\n0</s><|assistant|>")
+    (tmp_path / "bad.csv").write_bytes(b"instruction,output\nAdd,3\ncaf\xe9,4\n")
+    with pytest.raises(DataError, match=r"bad\.csv:3: not valid UTF-8 \(byte 0xe9 at column 4\)"):
+        InstructionDataModule(train_file=str(tmp_path / "bad.csv")).setup()
+
+
 def test_given_data_format_overrides_detection(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"question": "q", "instruction": "i", "answer": "a"}] * 3)
     with pytest.raises(DataError, match=r"d\.jsonl:1: field 'output' must be a string"):
