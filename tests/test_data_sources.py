@@ -278,3 +278,13 @@ def test_verifiable_data_by_name(tmp_path):
                                 cache_dir=str(cache))
     dm.setup()
     assert dm.form == "qa" and (len(dm.datasets["train"]), len(dm.datasets["val"])) == (8, 2)
+
+
+def test_a_local_data_set_folder_by_name(tmp_path):
+    (tmp_path / "repo").mkdir()
+    pq.write_table(pa.Table.from_pylist([_alpaca(p) for p in PROBLEMS[:30]]), tmp_path / "repo" / "train.parquet")
+    pq.write_table(pa.Table.from_pylist([_alpaca(p) for p in PROBLEMS[30:]]), tmp_path / "repo" / "test.parquet")
+    dm = InstructionDataModule(dataset=str(tmp_path / "repo"), test_split="test", val_fraction=0.1,
+                               cache_dir=str(tmp_path / "cache"))
+    dm.setup()
+    assert (len(dm.datasets["train"]), len(dm.datasets["val"]), len(dm.datasets["test"])) == (27, 3, 10)
