@@ -237,9 +237,21 @@ def test_suite_block(records: dict[str, list[dict]]) -> str:
             "(section `test_suite` of RESULTS.md).")
 
 
+def tokenize_once_block(records: dict[str, list[dict]]) -> str:
+    """docs/text_data.md's first and second start of the instruction data: the last recorded run."""
+    if not records.get("tokenize_once"):
+        return "No run of `benchmarks/tokenize_once.py` is recorded yet."
+    last = records["tokenize_once"][-1]
+    keys = ["records", "first_start_s", "second_start_s", "second_over_first", "goal", "second_peak_growth_mb",
+            "second_peak_growth_mb_tenth", "second_heap_growth_mb", "second_heap_growth_mb_tenth"]
+    return "\n".join(["The last recorded run (section `tokenize_once` of RESULTS.md):", "",
+                      *figure_table([last], [k for k in keys if k in last])])
+
+
 def doc_blocks(records: dict[str, list[dict]]) -> dict[str, str]:
     """The text of every generated block the docs may hold, by block name."""
-    return {"gpu_check": gpu_check_block(records), "test_suite": test_suite_block(records)}
+    return {"gpu_check": gpu_check_block(records), "test_suite": test_suite_block(records),
+            "tokenize_once": tokenize_once_block(records)}
 
 
 def doc_paths() -> list[Path]:

@@ -2,10 +2,13 @@
 
 - ``instruction``: ``InstructionDataModule``, instruction tuning from local files or the synthetic tasks.
 - ``verifiable_qa``: ``VerifiableQADataModule``, prompts with checkable answers for GRPO.
+- ``text_corpus``: ``TextCorpusDataModule``, pre-training text shards packed into fixed-length blocks once.
 - ``chestxray14`` / ``chexpert``: ``ChestXray14DataModule`` / ``CheXpertDataModule``, the X-ray sets as shipped.
 - ``xray_dataset`` / ``xray_transforms``: what the X-ray modules share: records, splits, the image pipeline.
 - ``phantom_cxr``: synthetic chest X-ray phantoms in the NIH and CheXpert folder formats.
-- ``jsonl_records`` / ``chat_encoding``: reading instruction records; chat messages to token ids and labels.
+- ``record_sources`` / ``record_forms``: text records from files, folders or data sets by name; their forms as chat.
+- ``instruction_records``: instruction records normalized and tokenized once (``datasets.map``, cached).
+- ``jsonl_records`` / ``chat_encoding``: data errors and strict UTF-8; chat messages to token ids and labels.
 - ``tokenizer``: local Hugging Face tokenizers or the built-in character tokenizer.
 - ``rewards``: verifiable rewards and the guard that calls any reward function.
 - ``synthetic_tasks`` / ``generated``: the built-in tasks and the folder generated defaults are written to once.
@@ -21,6 +24,7 @@ import importlib
 _EXPORTS = {
     "InstructionDataModule": "datamodules.instruction",
     "VerifiableQADataModule": "datamodules.verifiable_qa",
+    "TextCorpusDataModule": "datamodules.text_corpus",
     "ChestXray14DataModule": "datamodules.chestxray14",
     "CheXpertDataModule": "datamodules.chexpert",
 }

@@ -19,3 +19,8 @@ def holdout_split(records: list[T], fraction: float, seed: int, source: str | Pa
     if n_val >= len(records):
         raise DataError(f"{source}: {len(records)} records are too few to hold out a validation split")
     return [records[i] for i in sorted(order[n_val:])], [records[i] for i in sorted(order[:n_val])]
+
+
+def holdout_indices(n: int, fraction: float, seed: int, source) -> tuple[list[int], list[int]]:
+    """``(train, val)`` row indices of ``n`` records: the same split ``holdout_split`` makes, as indices."""
+    return holdout_split(list(range(n)), fraction, seed, source)

@@ -1,6 +1,7 @@
-"""Prompts with checkable reference answers for RL with verifiable rewards (GRPO): local JSONL or synthetic tasks.
+"""Prompts with checkable reference answers for RL with verifiable rewards (GRPO): the user's data or synthetic tasks.
 
-Accepted JSONL forms (one per file):
+The data is read through ``record_sources`` (JSONL, JSON array, parquet, arrow, CSV, a ``save_to_disk`` folder or
+a data set by name); ``columns`` renames other column names first. Accepted forms (one per source):
 - GSM8K form: ``{"question": ..., "answer": "... #### 72"}``; the reference is the number after ``####``,
   checked at load with the reward's own parser: thousands commas, a currency sign, a percent sign and unit words
   are dropped (``#### 18 dollars`` -> ``18``), a fraction ``a/b`` is kept as its value; anything else (``3 or 4``)
@@ -20,22 +21,36 @@ from torch.utils.data import DataLoader
 from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt, pad
 from datamodules.generated import generate_once, keyed_dir
 from datamodules.holdout import holdout_split
-from datamodules.jsonl_records import DataError, field_text, read_instruction_file, read_jsonl
+from datamodules.instruction_records import read_instruction_file
+from datamodules.jsonl_records import DataError, field_text
+from datamodules.record_forms import rename_columns
+from datamodules.record_sources import DatasetSpec, load_source
 from datamodules.resumable_sampler import resumable_sampler
 from datamodules.rewards import BUILTIN_REWARDS, RewardFn, normalize_reference
 from datamodules.synthetic_tasks import TASKS, make_problems
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
 
+VERIFIABLE_FORMATS = ("auto", "gsm8k", "qa")
 
-def read_verifiable_file(path: str | Path) -> tuple[str, list[tuple[str, dict]]]:
-    """``(form, [(where, row)])`` of a GSM8K-form or QA-form file; a row has ``question`` and its reference column."""
-    rows, form = [], None
-    for lineno, record in read_jsonl(path):
-        where = f"{path}:{lineno}"
+
+def read_verifiable_file(path: str | Path | DatasetSpec, data_format: str = "auto",
+                         columns: dict[str, str] | None = None,
+                         cache_dir: str | None = None) -> tuple[str, list[tuple[str, dict]]]:
+    """``(form, [(where, row)])`` of a GSM8K-form or QA-form source; a row has ``question`` and its reference."""
+    rows, form = [], None if data_format == "auto" else data_format
+    source = load_source(path, cache_dir)
+    if len(source) == 0:
+        raise DataError(f"{source.name}: the file has no records (empty split)")
+    for where, record in source.records():
+        record = rename_columns(record, columns)
         question = record.get("question")
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{where}: field 'question' must be a non-empty string")
         this = "qa" if "answers" in record else "gsm8k" if "answer" in record else None
+        if data_format != "auto" and this != data_format:
+            column = "answers" if data_format == "qa" else "answer"
+            raise DataError(f"{where}: data_format={data_format!r} needs column {column!r}; got fields "
+                            f"{sorted(record)}")
         if this is None:
             raise DataError(f"{where}: expected 'answer' (GSM8K form, ending '#### <number>') or 'answers' "
                             f"(QA form, a list of accepted answers); got fields {sorted(record)}")
@@ -92,8 +107,13 @@ class VerifiableQADataModule(L.LightningDataModule):
             (GSM8K form, answers ``#### <number>``) to ``synthetic_dir`` with disjoint sft / train / val splits.
         val_file: JSONL of the same form for validation (greedy accuracy); ``None`` with a ``train_file`` holds
             out ``val_fraction`` of it.
-        sft_file: instruction JSONL (chat, Alpaca or GSM8K form) for the policy's optional SFT warm-up;
-            with synthetic data the ``sft`` split is used.
+        sft_file: instruction data (any form ``InstructionDataModule`` reads) for the policy's optional SFT
+            warm-up; with synthetic data the ``sft`` split is used.
+        dataset: a Hugging Face data set by name (or a local data set folder) instead of ``train_file`` /
+            ``val_file``: ``split`` and ``val_split`` name its splits, ``subset`` and ``revision`` select it.
+        data_format: ``auto`` (told from the columns), ``gsm8k`` or ``qa``.
+        columns: renames the data's columns, e.g. ``{"problem": "question", "solution": "answer"}``.
+        cache_dir: where converted data are cached; ``None`` is the ``datasets`` cache.
         tokenizer: a local Hugging Face tokenizer directory, or ``"char"`` for the built-in one.
         system_prompt: optional system message put before every question.
         reward: ``auto`` (``gsm8k_strict`` for GSM8K form, ``qa_exact_match`` for QA form) or one of
@@ -129,6 +149,14 @@ class VerifiableQADataModule(L.LightningDataModule):
         synthetic_tasks: tuple[str, ...] = TASKS,
         synthetic_max_digits: int = 2,
         num_workers: int = 0,
+        dataset: str | None = None,
+        subset: str | None = None,
+        revision: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        data_format: str = "auto",
+        columns: dict[str, str] | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if reward != "auto" and reward not in BUILTIN_REWARDS:
@@ -141,6 +169,11 @@ class VerifiableQADataModule(L.LightningDataModule):
         if small or num_workers < 0:
             raise ValueError(f"{small or {'num_workers': num_workers}}: expected batch sizes and lengths >= 1 and "
                              "num_workers >= 0")
+        if data_format not in VERIFIABLE_FORMATS:
+            raise ValueError(f"data_format must be one of {VERIFIABLE_FORMATS}, got {data_format!r}")
+        if dataset is not None and (train_file or val_file):
+            raise ValueError("give either dataset (with split / val_split) or train_file / val_file, not both; got "
+                             f"dataset={dataset!r} and train_file={train_file!r}")
         unknown = set(synthetic_tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"Unknown synthetic_tasks {sorted(unknown)}; expected a subset of {TASKS}")
@@ -162,14 +195,18 @@ class VerifiableQADataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         hp = self.hparams
-        if hp.train_file is None:
+        if hp.train_file is None and hp.dataset is None:
             generate_once(hp.synthetic_dir, "verifiable", self._synthetic_key(),
                           lambda d: write_synthetic_rl_splits(d, hp.synthetic_sft_size, hp.synthetic_train_size,
                                                               hp.synthetic_val_size, hp.seed,
                                                               tuple(hp.synthetic_tasks), hp.synthetic_max_digits))
 
-    def files(self) -> dict[str, str | Path | None]:
+    def files(self) -> dict[str, str | Path | DatasetSpec | None]:
+        """The source of each split: a file or folder, a data set split, or ``None``."""
         hp = self.hparams
+        if hp.dataset is not None:
+            val = None if hp.val_split is None else DatasetSpec(hp.dataset, hp.val_split, hp.subset, hp.revision)
+            return {"train": DatasetSpec(hp.dataset, hp.split, hp.subset, hp.revision), "val": val, "sft": hp.sft_file}
         if hp.train_file is None:
             return dict(self.synthetic_paths())
         return {"train": hp.train_file, "val": hp.val_file, "sft": hp.sft_file}
@@ -178,11 +215,12 @@ class VerifiableQADataModule(L.LightningDataModule):
         if self.datasets:
             return
         files = self.files()
-        self.form, train = read_verifiable_file(files["train"])
+        hp = self.hparams
+        self.form, train = read_verifiable_file(files["train"], hp.data_format, hp.columns, hp.cache_dir)
         if files["val"] is None:
             train, val = holdout_split(train, self.hparams.val_fraction, self.hparams.seed, files["train"])
         else:
-            val_form, val = read_verifiable_file(files["val"])
+            val_form, val = read_verifiable_file(files["val"], hp.data_format, hp.columns, hp.cache_dir)
             if val_form != self.form:
                 raise DataError(f"{files['val']}: validation file is in {val_form} form, train in {self.form} form")
         self.datasets = {"train": [self._encode(w, r) for w, r in train], "val": [self._encode(w, r) for w, r in val]}

@@ -12,13 +12,19 @@
 - ``cli_argv``: a fixture hiding the test runner's command line from an in-process CLI call.
 """
 
+import atexit
 import csv
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "HF_DATASETS_CACHE" not in os.environ:  # the data modules' converted and tokenized data, removed at exit
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-tests-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

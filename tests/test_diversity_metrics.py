@@ -16,7 +16,7 @@ from datamodules.diversity import (
     unique_rate,
     write_crc_mix,
 )
-from datamodules.jsonl_records import read_instruction_file
+from datamodules.instruction_records import read_instruction_file
 from datamodules.verifiable_qa import read_verifiable_file
 
 

@@ -35,6 +35,7 @@ TRAINER_LIMITS = {"--trainer.max_steps": "2", "--trainer.limit_train_batches": "
                   "--trainer.log_every_n_steps": "1", "--last_ckpt_every_steps": "1"}
 SMALL_DATA = {  # by data module: the same small data for every command of a page, so checkpoints fit
     "datamodules.InstructionDataModule": {"--data.init_args.synthetic_train_size": "100"},
+    "datamodules.TextCorpusDataModule": {"--data.init_args.synthetic_train_size": "100"},
     "datamodules.VerifiableQADataModule": {"--data.init_args.synthetic_sft_size": "64",
                                            "--data.init_args.synthetic_train_size": "64",
                                            "--data.init_args.synthetic_val_size": "8"},

@@ -6,7 +6,8 @@ import pytest
 
 from datamodules.chat_encoding import IGNORE_INDEX, encode_chat
 from datamodules.instruction import InstructionDataModule
-from datamodules.jsonl_records import DataError, read_instruction_file
+from datamodules.instruction_records import read_instruction_file
+from datamodules.jsonl_records import DataError
 from datamodules.synthetic_tasks import make_problems, write_jsonl, write_synthetic_splits
 from datamodules.tokenizer import build_char_tokenizer, load_tokenizer
 

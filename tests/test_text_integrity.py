@@ -7,7 +7,9 @@ import pytest
 
 from datamodules.chat_encoding import IGNORE_INDEX, encode_chat, encode_prompt
 from datamodules.instruction import InstructionDataModule
-from datamodules.jsonl_records import DataError, read_instruction_file, record_to_messages
+from datamodules.instruction_records import read_instruction_file
+from datamodules.jsonl_records import DataError
+from datamodules.record_forms import record_to_messages
 from datamodules.tokenizer import build_char_tokenizer
 from tests.conftest import build_bpe_tokenizer
 

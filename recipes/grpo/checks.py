@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.jsonl_records import read_instruction_file
+from datamodules.instruction_records import read_instruction_file
 from datamodules.rewards import GSM8KReward, RewardFn
 from recipes.parts.hf_model import check_sequence_lengths
 
@@ -38,7 +38,7 @@ def sft_answers_have_marker(data_hparams: dict) -> bool | None:
     path = Path(data_hparams["train_file"])
     if not path.is_file():
         return None
-    records = read_instruction_file(path)[:200]
+    records = read_instruction_file(path, data_hparams.get("data_format", "auto"), data_hparams.get("columns"))[:200]
     return any("####" in messages[-1]["content"] for _, messages in records)
 
 
