@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
+from callbacks.core.modes import dropout_off
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
@@ -74,6 +76,8 @@ class GRPOModule(L.LightningModule):
             backward; see ``recipes.parts.chunked_head``); ``None`` projects all positions of a pass at once.
         logprob_batch_size: completions per forward of the no-grad old-policy and reference log-prob passes;
             ``None`` uses the update mini-batch size (completions / ``num_mini_batches``).
+        logprob_dropout: keep the model's dropout on in the training step's log-prob passes and updates. Off by
+            default, so an unchanged policy's ratio is exactly 1 (gradient checkpointing still applies).
         zero_reward_patience: warn when every reward of this many consecutive rollout batches is 0.
     """
 
@@ -106,6 +110,7 @@ class GRPOModule(L.LightningModule):
         val_max_new_tokens: int | None = None,
         logprob_chunk_size: int | None = 512,
         logprob_batch_size: int | None = None,
+        logprob_dropout: bool = False,
         zero_reward_patience: int = 10,
     ) -> None:
         super().__init__()
@@ -253,7 +258,12 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        """One rollout batch: sample and score completions, then ``mu`` passes of mini-batch updates."""
+        """One rollout batch: sample and score completions (in eval mode), then ``mu`` passes of mini-batch updates,
+        forward and backward without dropout unless ``logprob_dropout`` (``callbacks.core.modes.dropout_off``)."""
+        with nullcontext() if self.hparams.logprob_dropout else dropout_off(self.model):
+            self._rollout_and_update(batch)
+
+    def _rollout_and_update(self, batch: dict) -> None:
         rollout = self.rollout(batch)
         forward = self.rollout_logprobs(rollout)
         self._log_rollout(rollout)
