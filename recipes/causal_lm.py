@@ -17,7 +17,6 @@ from recipes.parts.chunked_head import chunked_cross_entropy, last_hidden_state,
 from recipes.parts.hf_model import (
     build_causal_lm,
     check_sequence_lengths,
-    enable_activation_checkpointing,
     module_tokenizer,
 )
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
@@ -122,9 +121,8 @@ class CausalLMModule(L.LightningModule):
         if self.model is not None or (self.tokenizer is None and self._trainer is None):
             return  # without a tokenizer yet (load_from_checkpoint), on_load_checkpoint builds it
         hp = self.hparams
-        model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
-        if hp.gradient_checkpointing:
-            enable_activation_checkpointing(model)
+        model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self),
+                                gradient_checkpointing=hp.gradient_checkpointing)
         if self.lora is not None:
             model = _apply_lora(model, self.lora)
         self.model = model

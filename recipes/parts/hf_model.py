@@ -27,7 +27,7 @@ def module_tokenizer(module: L.LightningModule) -> PreTrainedTokenizerBase:
 
 
 def build_causal_lm(model_path: str | None, model_config: dict | None, tokenizer: PreTrainedTokenizerBase,
-                    dtype: torch.dtype | None = None) -> PreTrainedModel:
+                    dtype: torch.dtype | None = None, gradient_checkpointing: bool = False) -> PreTrainedModel:
     """A local ``from_pretrained`` directory, or a random-init model from ``AutoConfig.for_model`` arguments
     (``model_type`` plus fields; ``vocab_size`` from the tokenizer). Never touches the network.
 
@@ -38,7 +38,8 @@ def build_causal_lm(model_path: str | None, model_config: dict | None, tokenizer
     The model is returned in train mode, dropout as its config says: ``from_pretrained`` returns eval mode and
     Lightning keeps the modes it finds, so a loaded model would otherwise train without dropout and without
     gradient checkpointing (which Hugging Face applies only in train mode). Generation and measurements switch
-    to eval mode for their own duration (``callbacks.core.modes``).
+    to eval mode for their own duration (``callbacks.core.modes``). ``gradient_checkpointing`` recomputes the
+    blocks' activations in backward (:func:`enable_activation_checkpointing`).
     """
     dtype = dtype or torch.get_default_dtype()
     if model_path is not None:
@@ -57,6 +58,8 @@ def build_causal_lm(model_path: str | None, model_config: dict | None, tokenizer
         raise ValueError(f"The model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
                          f"than the tokenizer's ({len(tokenizer)}); use the model's own tokenizer")
     model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
     return model.train()
 
 
