@@ -229,7 +229,10 @@ class CausalLMModule(L.LightningModule):
 
 def _apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    # GPT-2-type models store their linear layers transposed (Conv1D): peft must be told, or it warns and guesses
+    transposed = any(isinstance(m, Conv1D) for m in model.modules())
     cfg = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                     target_modules=lora.target_modules)
+                     target_modules=lora.target_modules, fan_in_fan_out=transposed)
     return get_peft_model(model, cfg)
