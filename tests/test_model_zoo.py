@@ -95,8 +95,9 @@ def test_sft_lora_and_lisa_train_in_train_mode_with_checkpointed_blocks(family, 
                                 lora={"r": 4, "alpha": 8, "dropout": 0.1} if variant == "lora" else None,
                                 exact_match_batches=1, max_new_tokens=2)
         callbacks = [LISA(n_layers=1, interval=1)] if variant == "lisa" else []
-        probe = fit(module, data, tmp_path / variant, callbacks, val_batches=1 if variant == "full" else 0)
-        assert_trained_as_configured(probe)
+        steps = 1 if variant == "lora" else 2
+        probe = fit(module, data, tmp_path / variant, callbacks, steps, val_batches=1 if variant == "full" else 0)
+        assert_trained_as_configured(probe, steps)
 
 
 @pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")  # Lightning's own notice, then ours
@@ -261,3 +262,28 @@ def test_grpo_ratio_of_an_unchanged_policy_is_exactly_one(logprob_dropout, model
     fit(module, grpo_data(folder, tmp_path), tmp_path, [log], steps=2)
     ratio = log.steps[-1]["grpo/ratio"]
     assert (ratio == 1.0) != logprob_dropout, ratio
+
+
+# ------------------------------------------------------------------------- the packaged YAMLs on a user's model
+@pytest.mark.parametrize(("config", "family"), [("sft", "qwen2"), ("lisa_sft", "gpt2")])
+def test_packaged_yaml_on_a_saved_model_trains_in_train_mode_with_checkpointing(config, family, model_zoo, tmp_path,
+                                                                                 cli_argv, monkeypatch):
+    """``sft.yaml`` / ``lisa_sft.yaml`` as the README says to point them at a user's saved model, with
+    ``gradient_checkpointing: true``: every trainable module trains in train mode and every block is checkpointed."""
+    from recipes.cli import CONFIG_DIR, RecipesCLI
+
+    monkeypatch.chdir(tmp_path)
+    folder = str(model_zoo[family])
+    cli = RecipesCLI(args=["--config", str(CONFIG_DIR / f"{config}.yaml"), f"--model.init_args.model_path={folder}",
+                           "--model.init_args.model_config=null", "--model.init_args.gradient_checkpointing=true",
+                           f"--data.init_args.tokenizer={folder}", f"--data.init_args.synthetic_dir={tmp_path}",
+                           "--data.init_args.synthetic_train_size=32", "--data.init_args.batch_size=4",
+                           "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
+                           "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--wandb=disabled",
+                           "--trainer.enable_progress_bar=false",
+                           "--trainer.callbacks+=tests.test_model_zoo.ModeProbe"],
+                     run=False)
+    probe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModeProbe))
+    assert any(isinstance(cb, TrainModeCheck) for cb in cli.trainer.callbacks), "the CLI installs TrainModeCheck"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert_trained_as_configured(probe)
