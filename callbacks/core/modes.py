@@ -25,14 +25,15 @@ def trainable_in_eval(model: nn.Module) -> list[str]:
 
     A frozen part (no trainable parameter below it, e.g. a frozen vision tower) may stay in eval mode on purpose.
     """
+    trainable = {module for module in model.modules() if _holds_trainable(module)}
+    parent = {child: module for module in model.modules() for child in module.children()}
     found = []
     for name, module in model.named_modules():
-        if not module.training and _holds_trainable(module):
+        if module.training:
+            continue
+        if module in trainable or (next(module.parameters(), None) is None and parent.get(module) in trainable):
             found.append(name or "<root>")
-        for child_name, child in module.named_children():
-            if (not child.training and next(child.parameters(), None) is None and _holds_trainable(module)):
-                found.append(f"{name}.{child_name}" if name else child_name)
-    return list(dict.fromkeys(found))
+    return found
 
 
 @contextmanager
