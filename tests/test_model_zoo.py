@@ -49,9 +49,18 @@ def synthetic_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("zoo_synthetic")
 
 
+_SFT_DATA: dict[str, InstructionDataModule] = {}
+
+
 def sft_data(folder, synthetic_dir) -> InstructionDataModule:
-    return InstructionDataModule(tokenizer=str(folder), synthetic_dir=str(synthetic_dir), synthetic_train_size=48,
-                                 max_length=48, batch_size=4, val_fraction=0.2)
+    """The synthetic instruction data in the family's tokenizer, set up once per session (tokenizing is the cost)."""
+    if str(folder) not in _SFT_DATA:
+        data = InstructionDataModule(tokenizer=str(folder), synthetic_dir=str(synthetic_dir),
+                                     synthetic_train_size=48, max_length=48, batch_size=4, val_fraction=0.2)
+        data.prepare_data()
+        data.setup("fit")
+        _SFT_DATA[str(folder)] = data
+    return _SFT_DATA[str(folder)]
 
 
 def fit(module, data, tmp_path, callbacks=(), steps=2, val_batches=0, **kwargs) -> ModeProbe:
@@ -121,8 +130,6 @@ def test_chunked_loss_equals_the_models_own_loss_or_is_refused(family, model_zoo
         request.applymarker(pytest.mark.xfail(strict=True, reason="issue 20 item 3: the chunked head ignores "
                                                                   "Granite's logits_scaling"))
     data = sft_data(model_zoo[family], synthetic_dir)
-    data.prepare_data()
-    data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     module = CausalLMModule(model_path=str(model_zoo[family]), loss_chunk_size=5, tokenizer_name=str(model_zoo[family]))
     module.configure_model()
