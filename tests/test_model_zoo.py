@@ -177,10 +177,10 @@ def test_layerwise_callbacks_on_loaded_models(name, family, model_zoo, synthetic
 
 
 # ------------------------------------------------------------------------------------------------- GRPO + LLDS
-def grpo_data(folder, tmp_path) -> VerifiableQADataModule:
+def grpo_data(folder, tmp_path, **kwargs) -> VerifiableQADataModule:
     return VerifiableQADataModule(tokenizer=str(folder), synthetic_dir=str(tmp_path / "syn"), synthetic_sft_size=16,
                                   synthetic_train_size=8, synthetic_val_size=4, batch_size=2, sft_batch_size=4,
-                                  val_batch_size=4)
+                                  val_batch_size=4, **kwargs)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
@@ -294,3 +294,19 @@ def test_packaged_yaml_on_a_saved_model_trains_in_train_mode_with_checkpointing(
     assert any(isinstance(cb, TrainModeCheck) for cb in cli.trainer.callbacks), "the CLI installs TrainModeCheck"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert_trained_as_configured(probe)
+
+
+def test_grpo_from_an_sft_checkpoint_of_a_saved_model_trains_in_train_mode(model_zoo, synthetic_dir, tmp_path):
+    """The ``sft_checkpoint`` loader path: SFT from a saved Mistral-type model, then GRPO from that checkpoint."""
+    folder = model_zoo["mistral"]
+    sft = CausalLMModule(model_path=str(folder), warmup_steps=0)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(sft, datamodule=sft_data(folder, synthetic_dir))
+    trainer.save_checkpoint(tmp_path / "sft.ckpt")
+    module = GRPOModule(sft_checkpoint=str(tmp_path / "sft.ckpt"), gradient_checkpointing=True, num_generations=2,
+                        max_new_tokens=4, mu=2)
+    probe = fit(module, grpo_data(folder, tmp_path, reward="gsm8k_flexible"), tmp_path, steps=2)
+    assert probe.in_eval == []
+    assert any(c >= LAYERS for c in probe.calls), f"no checkpointed block call in {probe.calls}"
