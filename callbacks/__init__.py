@@ -11,8 +11,8 @@ The top level holds what a user attaches to a run:
 - ``mae_reconstruction``: ``MAEReconstructionLogger``, MAE reconstruction grids.
 
 ``run`` holds run safety, what the recipes' CLI installs for every run (preemption, periodic and atomic
-checkpoints, finite-loss and empty-fit guards, resume settings, exact resume, run info, progress bar); ``core``
-holds the helpers the callbacks build on that are not callbacks themselves.
+checkpoints, finite-loss, empty-fit and train-mode checks, resume settings, exact resume, run info, progress
+bar); ``core`` holds the helpers the callbacks build on that are not callbacks themselves.
 
 Names are imported lazily, so ``class_path: callbacks.LISA`` in a YAML only imports what it uses.
 """
@@ -36,6 +36,7 @@ _EXPORTS = {
     "PreemptionCheckpoint": "callbacks.run.preemption",
     "PeriodicLastCheckpoint": "callbacks.run.periodic_checkpoint",
     "EmptyFitGuard": "callbacks.run.empty_fit",
+    "TrainModeCheck": "callbacks.run.train_mode",
     "OptimizerSettingsOnResume": "callbacks.run.resume_settings",
 }
 __all__ = list(_EXPORTS)

@@ -17,7 +17,6 @@ from recipes.parts.chunked_head import chunked_cross_entropy, chunked_head_match
 from recipes.parts.hf_model import (
     build_causal_lm,
     check_sequence_lengths,
-    enable_activation_checkpointing,
     module_tokenizer,
 )
 from recipes.parts.optim import decay_groups, warmup_cosine_scheduler
@@ -123,9 +122,8 @@ class CausalLMModule(L.LightningModule):
         if self.model is not None or (self.tokenizer is None and self._trainer is None):
             return  # without a tokenizer yet (load_from_checkpoint), on_load_checkpoint builds it
         hp = self.hparams
-        model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self))
-        if hp.gradient_checkpointing:
-            enable_activation_checkpointing(model)
+        model = build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self),
+                                gradient_checkpointing=hp.gradient_checkpointing)
         if self.lora is not None:
             model = _apply_lora(model, self.lora)
         self.model = model
@@ -232,7 +230,10 @@ class CausalLMModule(L.LightningModule):
 
 def _apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    # GPT-2-type models store their linear layers transposed (Conv1D): peft must be told, or it warns and guesses
+    transposed = any(isinstance(m, Conv1D) for m in model.modules())
     cfg = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                     target_modules=lora.target_modules)
+                     target_modules=lora.target_modules, fan_in_fan_out=transposed)
     return get_peft_model(model, cfg)

@@ -27,6 +27,7 @@ from callbacks.run.preemption import Preempted, PreemptionCheckpoint
 from callbacks.run.progress import StepProgressBar
 from callbacks.run.resume_settings import OptimizerSettingsOnResume
 from callbacks.run.run_info import RunInfoLogger
+from callbacks.run.train_mode import TrainModeCheck
 from recipes import resume
 from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
 
@@ -53,7 +54,8 @@ class RecipesCLI(LightningCLI):
     space before training. Interruptions (docs/interruptions.md): checkpoints are written atomically
     (:class:`AtomicCheckpointIO`), ``last.ckpt`` is saved periodically (:class:`PeriodicLastCheckpoint`) and on
     SIGTERM/SIGUSR1/SIGINT (:class:`PreemptionCheckpoint`), a fit that gets no batch is an error
-    (:class:`EmptyFitGuard`), and ``--ckpt_path last|auto`` resumes in the same run folder under the rule of
+    (:class:`EmptyFitGuard`), trainable modules in eval mode at the start of training stop the run
+    (:class:`TrainModeCheck`), and ``--ckpt_path last|auto`` resumes in the same run folder under the rule of
     :mod:`recipes.resume`.
     """
 
@@ -66,7 +68,8 @@ class RecipesCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunInfoLogger(), FiniteLossGuard(), ExactResume(),
                                                              LearningRateMonitor(logging_interval="step"),
                                                              StepProgressBar(), EmptyFitGuard(),
-                                                             PreemptionCheckpoint(), OptimizerSettingsOnResume()]})
+                                                             PreemptionCheckpoint(), OptimizerSettingsOnResume(),
+                                                             TrainModeCheck()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 

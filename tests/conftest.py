@@ -10,6 +10,8 @@
 - ``build_bpe_tokenizer()``: a real byte-level BPE tokenizer with a ChatML template, built locally.
 - ``write_nih`` / ``write_chexpert`` and ``nih`` / ``chexpert``: chest X-ray folders from hand-written rows, loaded.
 - ``cli_argv``: a fixture hiding the test runner's command line from an in-process CLI call.
+- ``model_zoo``: the local model zoo of ``tests/zoo.py`` (tiny models of the families users bring, each saved with
+  ``save_pretrained`` with a tokenizer of its kind), built once per session.
 """
 
 import atexit
@@ -323,6 +325,14 @@ def chexpert(root: Path, report_coverage: bool = False, **kwargs) -> CheXpertDat
             warnings.filterwarnings("ignore", r"CheXpert .* label\(s\) with no positive or no negative")
         dm.setup()
     return dm
+
+
+@pytest.fixture(scope="session")
+def model_zoo(tmp_path_factory) -> dict[str, Path]:
+    """``{family: folder}``: every family of ``tests.zoo.FAMILIES`` saved (model and tokenizer) once per session."""
+    from tests.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@
   release optimizer state, agree across ranks, save state); they are its policies (which blocks next).
 - ``layer_stats``: per-block statistics of the residual stream, and ``measuring``, the context every measurement
   on training batches runs in.
+- ``modes``: which trainable modules are in eval mode, and ``modes_kept`` / ``eval_mode`` / ``dropout_off``,
+  contexts that change train/eval modes for a while and give every module its own mode back.
 - ``measured_weights``: per-block sampling weights measured on the first training batches (LISA importance,
   OwLore outlier scores).
 - ``heatmap``: ``draw_heatmap``, the blocks x time picture of one per-block metric.

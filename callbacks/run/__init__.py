@@ -5,6 +5,7 @@
 - ``atomic_checkpoint``: ``AtomicCheckpointIO``, checkpoint writes that never destroy the previous good file.
 - ``finite_loss``: ``FiniteLossGuard``, stop at the first non-finite loss.
 - ``empty_fit``: ``EmptyFitGuard``, a fit that trained on nothing is an error.
+- ``train_mode``: ``TrainModeCheck``, trainable modules in eval mode at the start of training stop the run.
 - ``resume_settings``: ``OptimizerSettingsOnResume``, the optimizer settings given now win over the checkpoint's.
 - ``exact_resume``: ``ExactResume``, a mid-epoch resume continues as the uninterrupted run would have.
 - ``run_info``: ``RunInfoLogger``, the seed and library versions logged with every run.

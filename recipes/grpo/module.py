@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
+from callbacks.core.modes import dropout_off
 from callbacks.core.policy_tokens import PolicyTokens
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
@@ -75,6 +77,9 @@ class GRPOModule(L.LightningModule):
             does a model whose logits are not ``head(hidden)`` (checked once per model, with a warning).
         logprob_batch_size: completions per forward of the no-grad old-policy and reference log-prob passes;
             ``None`` uses the update mini-batch size (completions / ``num_mini_batches``).
+        logprob_dropout: keep dropout on in the log-prob passes and updates; off by default, so an unchanged
+            policy's ratio is exactly 1.
+        gradient_checkpointing: recompute block activations in backward (non-reentrant).
         zero_reward_patience: warn when every reward of this many consecutive rollout batches is 0.
     """
 
@@ -107,6 +112,8 @@ class GRPOModule(L.LightningModule):
         val_max_new_tokens: int | None = None,
         logprob_chunk_size: int | None = 512,
         logprob_batch_size: int | None = None,
+        logprob_dropout: bool = False,
+        gradient_checkpointing: bool = False,
         zero_reward_patience: int = 10,
     ) -> None:
         super().__init__()
@@ -170,7 +177,9 @@ class GRPOModule(L.LightningModule):
         self._sft_data_hparams = sft_data_settings(ckpt)
 
     def _build_policy(self) -> torch.nn.Module:
-        return build_causal_lm(self.hparams.model_path, self.hparams.model_config, module_tokenizer(self))
+        hp = self.hparams
+        return build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self),
+                               gradient_checkpointing=hp.gradient_checkpointing)
 
     def register_loss_term(self, name: str, fn: LossTerm, needs_answer_mask: bool = False) -> None:
         """Add ``fn(PolicyTokens) -> loss`` (or ``(loss, {metric: value})``) to every mini-batch's loss.
@@ -254,23 +263,25 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        """One rollout batch: sample and score completions, then ``mu`` passes of mini-batch updates."""
-        rollout = self.rollout(batch)
-        forward = self.rollout_logprobs(rollout)
-        self._log_rollout(rollout)
+        """One rollout batch: sample and score completions (in eval mode), then ``mu`` passes of mini-batch updates,
+        forward and backward without dropout unless ``logprob_dropout`` (``callbacks.core.modes.dropout_off``)."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         stats: dict[str, list[torch.Tensor]] = {}
-        for idx in self.mini_batches(rollout.n):
-            loss = self.mini_batch_loss(rollout, idx.to(self.device), stats, forward)
-            forward = None  # the first (with one update per rollout, the only) mini-batch's own forward
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            if self.hparams.max_grad_norm is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm,
-                                    gradient_clip_algorithm="norm")
-            optimizer.step()
-            scheduler.step()
-            _add(stats, "train/loss", loss.detach())
+        with nullcontext() if self.hparams.logprob_dropout else dropout_off(self.model):
+            rollout = self.rollout(batch)
+            forward = self.rollout_logprobs(rollout)
+            self._log_rollout(rollout)
+            for idx in self.mini_batches(rollout.n):
+                loss = self.mini_batch_loss(rollout, idx.to(self.device), stats, forward)
+                forward = None  # the first (with one update per rollout, the only) mini-batch's own forward
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if self.hparams.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm,
+                                        gradient_clip_algorithm="norm")
+                optimizer.step()
+                scheduler.step()
+                _add(stats, "train/loss", loss.detach())
         self.log_dict({k: torch.stack(v).float().mean() for k, v in stats.items()}, batch_size=rollout.n)
 
     def rollout(self, batch: dict) -> Rollout:

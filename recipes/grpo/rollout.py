@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from callbacks.core.modes import eval_mode
 from datamodules.rewards import RewardFn, compute_rewards
 from recipes.grpo.loss import completion_mask
 
@@ -53,12 +54,10 @@ def sample_completions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBas
     after the first EOS, and their mask (1 up to and including the first EOS).
     """
     ids, mask = prompt_ids.repeat_interleave(num, 0), prompt_mask.repeat_interleave(num, 0)
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                         **sampling)
-    model.train(was_training)
+    with eval_mode(model):  # every module's own mode back after
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                             **sampling)
     completion = out[:, ids.shape[1]:]
     cmask = completion_mask(completion, tokenizer.eos_token_id)
     return completion.masked_fill(cmask == 0, tokenizer.pad_token_id), cmask

@@ -12,6 +12,7 @@ from callbacks.run.finite_loss import NonFiniteLossError
 
 def sft_warmup(model: torch.nn.Module, loader: DataLoader, steps: int, lr: float, device: torch.device) -> list[float]:
     """``steps`` AdamW steps (fixed ``lr``, gradient norm clipped to 1) over ``loader``, cycling; returns the losses.
+    The model trains in the modes it has (the recipes build it in train mode).
 
     Stops with ``NonFiniteLossError`` at the first non-finite loss, naming the step.
     """
@@ -20,7 +21,6 @@ def sft_warmup(model: torch.nn.Module, loader: DataLoader, steps: int, lr: float
                          f"{loader.batch_size}, incomplete batches dropped); lower data.sft_batch_size or set "
                          "model.sft_steps: 0")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98))
-    model.train()
     losses: list[float] = []
     while len(losses) < steps:
         for batch in loader:

@@ -27,13 +27,19 @@ def module_tokenizer(module: L.LightningModule) -> PreTrainedTokenizerBase:
 
 
 def build_causal_lm(model_path: str | None, model_config: dict | None, tokenizer: PreTrainedTokenizerBase,
-                    dtype: torch.dtype | None = None) -> PreTrainedModel:
+                    dtype: torch.dtype | None = None, gradient_checkpointing: bool = False) -> PreTrainedModel:
     """A local ``from_pretrained`` directory, or a random-init model from ``AutoConfig.for_model`` arguments
     (``model_type`` plus fields; ``vocab_size`` from the tokenizer). Never touches the network.
 
     The weights are created directly in ``dtype``, by default torch's default dtype: inside Lightning's
     ``configure_model`` that is the training precision's (bf16 under ``bf16-true``, fp32 under ``bf16-mixed``,
     whose master weights are fp32), so a bf16 checkpoint trained in ``bf16-true`` is never held in fp32.
+
+    The model is returned in train mode, dropout as its config says: ``from_pretrained`` returns eval mode and
+    Lightning keeps the modes it finds, so a loaded model would otherwise train without dropout and without
+    gradient checkpointing (which Hugging Face applies only in train mode). Generation and measurements switch
+    to eval mode for their own duration (``callbacks.core.modes``). ``gradient_checkpointing`` recomputes the
+    blocks' activations in backward (:func:`enable_activation_checkpointing`).
     """
     dtype = dtype or torch.get_default_dtype()
     if model_path is not None:
@@ -52,7 +58,9 @@ def build_causal_lm(model_path: str | None, model_config: dict | None, tokenizer
         raise ValueError(f"The model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
                          f"than the tokenizer's ({len(tokenizer)}); use the model's own tokenizer")
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return model.train()
 
 
 def enable_activation_checkpointing(model: PreTrainedModel, use_reentrant: bool = False) -> None:
