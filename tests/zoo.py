@@ -89,8 +89,6 @@ FAMILIES: dict[str, Family] = {
                       {"eos": "<|end_of_text|>", "pad": "<|pad|>"}, GRANITE,
                       ["<|start_of_role|>", "<|end_of_role|>"]),
 }
-# families whose logits are not ``head(hidden)``: Gemma 2's soft-capping, Granite's logits_scaling
-LOGIT_TRANSFORMS = {"gemma2": "final_logit_softcapping", "granite": "logits_scaling"}
 
 
 def build_tokenizer(family: Family, vocab_size: int = 320) -> transformers.PreTrainedTokenizerFast:
