@@ -225,25 +225,43 @@ def recipe_summaries() -> dict[str, str]:
     return out
 
 
-def resolve_config(value: str) -> str:
-    """A ``--config`` value: an existing file as given, else the packaged recipe of that name (``lisa_sft``)."""
-    if Path(value).exists() or value.lstrip().startswith("{"):
+class ConfigNotFound(SystemExit):
+    """A ``--config`` value that names no file and no packaged recipe (exits with status 2 and the message)."""
+
+
+def resolve_config(value: str, option: str = "--config") -> str:
+    """A ``--config`` value: an existing file as given; a bare name (no folder, e.g. ``lisa_sft`` or
+    ``lisa_sft.yaml``) that is not a file here, the packaged recipe of that name; anything else that does not
+    exist is an error (:class:`ConfigNotFound`): a path with a folder in it is never replaced by a packaged recipe
+    (``my_stf/sft.yaml`` must not silently run the packaged ``sft.yaml``)."""
+    if Path(value).exists() or value.lstrip().startswith(("{", "[")):
         return value
-    packaged = CONFIG_DIR / Path(value).name
-    for candidate in (packaged, packaged.with_suffix(".yaml")):
+    packaged = CONFIG_DIR / value
+    bare = Path(value).name == value and value not in ("", ".", "..")
+    for candidate in (packaged, packaged.with_name(packaged.name + ".yaml")) if bare else ():
         if candidate.is_file():
             return str(candidate)
-    return value
+    hint = ("a bare name looks in the packaged recipes: " + ", ".join(recipe_summaries())) if bare else \
+        "a path with a folder in it must exist (only a bare name, e.g. 'sft', looks in the packaged recipes)"
+    raise ConfigNotFound(f"error: {option} {value!r}: no such file; {hint}")
+
+
+CONFIG_OPTIONS = ("--config", "-c")
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config NAME`` / ``--config=NAME`` resolved by :func:`resolve_config`."""
+    """``argv`` with every ``--config NAME`` / ``--config=NAME`` / ``-c NAME`` / ``-c=NAME`` resolved by
+    :func:`resolve_config` (``-c`` is LightningCLI's short form of ``--config``); the words after ``--`` are left
+    alone."""
     out = list(argv)
     for i, arg in enumerate(out):
-        if arg == "--config" and i + 1 < len(out):
-            out[i + 1] = resolve_config(out[i + 1])
-        elif arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
+        if arg == "--":
+            break
+        if arg in CONFIG_OPTIONS and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1], arg)
+        elif arg.startswith(tuple(f"{o}=" for o in CONFIG_OPTIONS)):
+            option, _, value = arg.partition("=")
+            out[i] = f"{option}={resolve_config(value, option)}"
     return out
 
 

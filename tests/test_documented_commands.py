@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from recipes.__main__ import main
-from recipes.cli import resolve_config
+from recipes.cli import ConfigNotFound, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -103,8 +103,12 @@ def _recipe_classes(argv: list[str]) -> tuple[str | None, str | None]:
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.removeprefix("--config=") \
             if arg.startswith("--config=") else None
-        if value and Path(resolve_config(value)).is_file():
-            config = yaml.safe_load(Path(resolve_config(value)).read_text())
+        try:
+            path = Path(resolve_config(value)) if value else None
+        except ConfigNotFound:  # a file an earlier command of the page writes
+            path = None
+        if path is not None and path.is_file():
+            config = yaml.safe_load(path.read_text())
             return config.get("model", {}).get("class_path"), config.get("data", {}).get("class_path")
     return None, None
 
