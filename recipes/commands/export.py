@@ -89,29 +89,36 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool((got.float() - want.float()).abs().max() <= tol * (1 + want.float().abs().max()))
 
 
+PROBE_IDS = torch.arange(1, 9).unsqueeze(0)  # the token ids whose logits the written folder must reproduce
+
+
+def probe_ids(model: torch.nn.Module) -> torch.Tensor:
+    """:data:`PROBE_IDS` within ``model``'s vocabulary."""
+    return PROBE_IDS.remainder(model.get_input_embeddings().num_embeddings)
+
+
 @torch.no_grad()
-def verify_causal_lm(module: L.LightningModule, out: Path, keep_adapters: bool) -> None:
-    """Load the written folder back; its logits, special tokens and chat template must be the checkpoint's."""
+def verify_causal_lm(out: Path, logits: torch.Tensor, tokenizer) -> None:
+    """Load the written folder back (``out/base`` + the adapters in ``out`` when it holds adapters): its logits on
+    :data:`PROBE_IDS` must be ``logits`` (the checkpoint's, computed before writing), its special tokens and chat
+    template the checkpoint tokenizer's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    base = out / "base" if keep_adapters and isinstance(module.model, PeftModel) else out
+    base = out / "base" if (out / "adapter_config.json").is_file() else out
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype="auto")
     if base != out:
         model = PeftModel.from_pretrained(model, out)
     model.eval()
-    vocab = module.model.get_input_embeddings().num_embeddings
-    ids = torch.arange(1, 9).remainder(vocab).unsqueeze(0)
-    if not _close(model(ids).logits, module.model(ids).logits):
+    if not _close(model(probe_ids(model)).logits, logits):
         raise CommandError(f"the model written to {out} does not give the checkpoint's logits; delete it")
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    want = special_tokens(module.tokenizer)
+    want = special_tokens(tokenizer)
     generation = GenerationConfig.from_pretrained(base, local_files_only=True)
     for source, got in (("config.json", model.config), ("generation_config.json", generation)):
         wrong = {k: getattr(got, k, None) for k, v in want.items() if getattr(got, k, None) != v}
         if wrong:
             raise CommandError(f"{base / source} holds {wrong}, not the tokenizer's {want}")
-    if tokenizer.chat_template != module.tokenizer.chat_template:
+    if AutoTokenizer.from_pretrained(base, local_files_only=True).chat_template != tokenizer.chat_template:
         raise CommandError(f"the tokenizer written to {base} lost its chat template")
 
 
@@ -142,8 +149,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, keep_adapters: boo
     claim_output_dir(out, "--out", overwrite)
     with torch.no_grad():
         if kind == "causal_lm":
+            logits = module.model.eval()(probe_ids(module.model)).logits  # before merging changes the model
             export_causal_lm(module, out, keep_adapters)
-            verify_causal_lm(module, out, keep_adapters)
+            verify_causal_lm(out, logits, module.tokenizer)
         else:
             if keep_adapters:
                 raise CommandError(f"--keep_adapters: {ckpt_path} is a {type(module).__name__} checkpoint, "
