@@ -76,6 +76,10 @@ class RecipesCLI(LightningCLI):
         parser.add_argument("--wandb_project", type=str, default="layerwise-recipes", help="W&B project name")
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="run name for the log directory (default: the config file's name)")
+        parser.add_argument("--eval_root", type=str | None, default=None,
+                            help="validate/test of a checkpoint file: write the results under "
+                                 "<eval_root>/<run>/<version>/eval/ (default: beside the checkpoint's run, or "
+                                 "under trainer.default_root_dir when that folder is read-only)")
         parser.add_argument("--min_free_mb", type=int, default=100,
                             help="refuse to start when the log directory's disk has less free space than this")
         parser.add_argument("--last_ckpt_every_minutes", type=float | None, default=15.0,
@@ -144,11 +148,13 @@ class RecipesCLI(LightningCLI):
         return "-untrained"
 
     def _default_loggers(self, config, root: str, name: str) -> list:
-        """CSV (+ W&B) loggers: beside the training run when evaluating a checkpoint file, else in
-        ``<root>/<name>/version_N`` (the resumed version, or a new one this run claims)."""
+        """CSV (+ W&B) loggers: beside the training run when evaluating a checkpoint file (or under ``--eval_root``,
+        or ``<root>`` when the run is read-only), else in ``<root>/<name>/version_N`` (the resumed version, or a new
+        one this run claims)."""
         ckpt = config.get("ckpt_path")
         if self.subcommand in ("validate", "test") and ckpt and Path(ckpt).is_file():  # beside the training run
-            loggers = eval_loggers(ckpt, self.subcommand, config["wandb"], config["wandb_project"])
+            loggers = eval_loggers(ckpt, self.subcommand, config["wandb"], config["wandb_project"],
+                                   config["eval_root"], root)
             # the restored ModelCheckpoint state names the training run's folder; evaluation saves nothing
             warnings.filterwarnings("ignore", "The dirpath has changed from", UserWarning)
         else:

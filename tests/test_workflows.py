@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -24,6 +25,7 @@ from datamodules.tokenizer import load_tokenizer
 from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR, RecipesCLI
 from recipes.grpo.checks import ZeroRewardStreak, check_sft_fits_verifier
+from recipes.parts import loggers as loggers_module
 from recipes.parts.auroc import log_auroc_table, write_auroc_table
 from recipes.parts.hf_model import build_causal_lm
 from recipes.parts.loggers import default_loggers, eval_loggers
@@ -124,6 +126,19 @@ def test_eval_loggers_write_into_the_checkpoints_run_folder(tmp_path, monkeypatc
     assert second[0].log_dir.endswith("eval/test_1")
     assert train[1]._wandb_init["group"] == first[1]._wandb_init["group"] == "sft/version_0"
     assert first[1]._wandb_init["job_type"] == "test"
+
+
+def test_eval_of_a_read_only_run_writes_under_the_root_or_eval_root(tmp_path, monkeypatch):
+    run = tmp_path / "shared" / "sft" / "version_3"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    real_access = loggers_module.os.access
+    monkeypatch.setattr(loggers_module.os, "access", lambda p, mode: Path(p) != run and real_access(p, mode))
+    loggers = eval_loggers(ckpt, "test", wandb="disabled", fallback_root=tmp_path / "runs")
+    assert loggers[0].log_dir == str(tmp_path / "runs" / "sft" / "version_3" / "eval" / "test_0")
+    mine = eval_loggers(ckpt, "validate", wandb="disabled", eval_root=tmp_path / "mine")
+    assert mine[0].log_dir == str(tmp_path / "mine" / "sft" / "version_3" / "eval" / "validate_0")
+    assert not (run / "eval").exists()
 
 
 # --------------------------------------------------------------------------------------------- 4. dashboard

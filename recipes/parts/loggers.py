@@ -106,19 +106,24 @@ def default_loggers(root: str | Path, name: str, wandb: str = "offline", project
     return _with_wandb(csv_logger, f"{name}/{Path(csv_logger.log_dir).name}", wandb, project, job_type="fit")
 
 
-def eval_loggers(ckpt_path: str | Path, stage: str, wandb: str = "offline",
-                 project: str = "layerwise-recipes") -> list:
-    """Loggers for ``validate``/``test`` of a checkpoint: ``<run dir>/eval/<stage>_N`` inside the checkpoint's run
-    folder (the folder above ``checkpoints/``), and a W&B run in the training run's group."""
+def eval_loggers(ckpt_path: str | Path, stage: str, wandb: str = "offline", project: str = "layerwise-recipes",
+                 eval_root: str | Path | None = None, fallback_root: str | Path = "runs") -> list:
+    """Loggers for ``validate``/``test`` of a checkpoint, in ``<folder>/eval/<stage>_N`` and a W&B run in the
+    training run's group. ``<folder>`` is the checkpoint's run folder (the one above ``checkpoints/``); with
+    ``eval_root``, or when that run folder cannot be written (a read-only copy of someone's run), it is
+    ``<eval_root or fallback_root>/<run name>/<version>`` instead."""
     _check_mode(wandb)
     ckpt_path = Path(ckpt_path)
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     group = f"{run_dir.parent.name}/{run_dir.name}"
+    folder = run_dir
+    if eval_root is not None or not os.access(run_dir, os.W_OK):
+        folder = Path(eval_root if eval_root is not None else fallback_root) / run_dir.parent.name / run_dir.name
     if _rank() != 0:
-        return _with_wandb(CSVLogger(save_dir=str(run_dir), name="eval", version=stage), group, wandb, project,
+        return _with_wandb(CSVLogger(save_dir=str(folder), name="eval", version=stage), group, wandb, project,
                            job_type=stage)
-    eval_dir = claim_run_dir(run_dir / "eval", prefix=f"{stage}_")
-    csv_logger = CSVLogger(save_dir=str(run_dir), name="eval", version=eval_dir.name)
+    eval_dir = claim_run_dir(folder / "eval", prefix=f"{stage}_")
+    csv_logger = CSVLogger(save_dir=str(folder), name="eval", version=eval_dir.name)
     return _with_wandb(csv_logger, group, wandb, project, job_type=stage, run_name=f"{group}/eval/{eval_dir.name}")
 
 
