@@ -71,6 +71,19 @@ def claim_run_dir(parent: str | Path, prefix: str = "version_") -> Path:
             continue  # another run took it between the listing and the mkdir
 
 
+def point_latest(run_dir: str | Path) -> None:
+    """Make ``<run name>/latest`` a symlink to ``run_dir`` (``version_N``), replaced atomically, so a command can
+    name the run that was just created (``runs/sft/latest/checkpoints``) whatever its number."""
+    run_dir = Path(run_dir)
+    link, tmp = run_dir.parent / "latest", run_dir.parent / f".latest-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # a file system without symlinks: the numbered folder is still there
+        tmp.unlink(missing_ok=True)
+
+
 def wandb_run_id(run_dir: str | Path) -> str | None:
     """The W&B run id of a run folder, created once (by rank 0; other ranks do not log to W&B) and kept in
     ``wandb_id.txt``, so a resumed run logs to the same W&B run."""
@@ -93,13 +106,15 @@ def default_loggers(root: str | Path, name: str, wandb: str = "offline", project
     run's. The CSV writer is created first, while that directory is still empty. ``version`` (``version_N``)
     continues that existing run folder: its ``metrics.csv`` goes on from the step reached and W&B resumes the
     same run id. A new run's folder is claimed atomically (:func:`claim_run_dir`) by rank 0; the W&B run's group
-    is ``<name>/version_N``, shared with evaluations of its checkpoints (:func:`eval_loggers`).
+    is ``<name>/version_N``, shared with evaluations of its checkpoints (:func:`eval_loggers`); ``<name>/latest``
+    points to the newest run (:func:`point_latest`).
     """
     _check_mode(wandb)
     if version is not None:
         csv_logger = ContinuingCSVLogger(save_dir=str(root), name=name, version=version)
     elif _rank() == 0:
         run_dir = claim_run_dir(Path(root) / name)
+        point_latest(run_dir)
         csv_logger = CSVLogger(save_dir=str(root), name=name, version=int(run_dir.name.removeprefix("version_")))
     else:  # other DDP ranks never write; the trainer broadcasts rank 0's log_dir
         csv_logger = CSVLogger(save_dir=str(root), name=name)
@@ -115,6 +130,7 @@ def eval_loggers(ckpt_path: str | Path, stage: str, wandb: str = "offline", proj
     _check_mode(wandb)
     ckpt_path = Path(ckpt_path)
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    run_dir = run_dir.resolve() if run_dir.is_symlink() else run_dir  # runs/sft/latest: the version it names
     group = f"{run_dir.parent.name}/{run_dir.name}"
     folder = run_dir
     if eval_root is not None or not os.access(run_dir, os.W_OK):
