@@ -128,6 +128,16 @@ def test_eval_loggers_write_into_the_checkpoints_run_folder(tmp_path, monkeypatc
     assert first[1]._wandb_init["job_type"] == "test"
 
 
+def test_latest_names_the_newest_run_and_eval_through_it_groups_with_that_version(tmp_path):
+    default_loggers(tmp_path / "runs", "sft", wandb="disabled")
+    default_loggers(tmp_path / "runs", "sft", wandb="disabled")
+    latest = tmp_path / "runs" / "sft" / "latest"
+    assert latest.is_symlink() and latest.resolve() == (tmp_path / "runs" / "sft" / "version_1").resolve()
+    evaluation = eval_loggers(latest / "checkpoints" / "last.ckpt", "test", wandb="disabled")
+    assert Path(evaluation[0].log_dir).resolve() == (tmp_path / "runs" / "sft" / "version_1" / "eval" / "test_0")
+    assert default_loggers(tmp_path / "runs", "sft", wandb="disabled")[0].log_dir.endswith("version_2")
+
+
 def test_eval_of_a_read_only_run_writes_under_the_root_or_eval_root(tmp_path, monkeypatch):
     run = tmp_path / "shared" / "sft" / "version_3"
     (run / "checkpoints").mkdir(parents=True)
