@@ -104,6 +104,10 @@ class RecipesCLI(LightningCLI):
         if sub and "ckpt_path" in self.config[sub]:
             self.resume_plan = resume.plan(self.config[sub], sub, self._run_name(self.config[sub]))
             self.config[sub]["ckpt_path"] = self.resume_plan.path
+            if self.resume_plan.path and self.config[sub].get("weights_only", False) is None:
+                # our checkpoints hold hyper-parameter objects (not weights only), and recipes.checkpoints has
+                # already read this one: said here, so Lightning does not print that it was not set
+                self.config[sub]["weights_only"] = False
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
             if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints

@@ -5,6 +5,7 @@ argument or file; ``--config`` paths must exist and ``-c`` is ``--config``."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import lightning as L
@@ -205,3 +206,15 @@ def test_a_config_path_that_does_not_exist_is_an_error_and_c_is_config(tmp_path,
     (tmp_path / "my_sft").mkdir()
     shutil.copy(CONFIG_DIR / "sft.yaml", tmp_path / "my_sft" / "sft.yaml")
     assert resolve_config_args(["fit", "-c", "my_sft/sft.yaml"]) == ["fit", "-c", "my_sft/sft.yaml"]
+
+
+# --------------------------------------------------------------------------------------------------------- console
+def test_validating_a_checkpoint_does_not_print_that_weights_only_was_not_set(ckpts, tmp_path, cli_argv, caplog):
+    caplog.set_level(logging.INFO)
+    main(["validate", "--config", "sft", "--model.init_args.model_config", json.dumps(GPT2_CONFIG),
+          "--ckpt_path", ckpts["gpt2"], "--trainer.limit_val_batches", "1", "--wandb", "disabled",
+          "--trainer.default_root_dir", str(tmp_path / "runs"), "--eval_root", str(tmp_path / "eval"),
+          "--data.init_args.synthetic_dir", str(tmp_path / "syn"), "--data.init_args.synthetic_train_size", "40"])
+    assert "Restoring states from the checkpoint" in caplog.text
+    assert "weights_only" not in caplog.text
+    assert list((tmp_path / "eval").rglob("metrics.csv"))  # --eval_root: the results went there
