@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 import warnings
@@ -28,19 +29,44 @@ from callbacks.run.progress import StepProgressBar
 from callbacks.run.resume_settings import OptimizerSettingsOnResume
 from callbacks.run.run_info import RunInfoLogger
 from recipes import resume
+from recipes.checkpoints import import_class
 from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Saves ``config.yaml`` into the run's own directory and sends the same config to W&B."""
+    """Saves ``config.yaml`` into the run's own directory and sends the same config to W&B, with each callback's
+    settings also under ``callbacks.<name>`` (:func:`callback_settings`), so runs filter by ``callbacks.lisa.n_layers``
+    (inside the ``trainer.callbacks`` list they cannot)."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 nested = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))  # filterable keys
+                subcommand = nested.get(nested.get("subcommand")) if "subcommand" in nested else nested
+                nested["callbacks"] = callback_settings(((subcommand or {}).get("trainer") or {}).get("callbacks"))
                 logger.experiment.config.update(nested, allow_val_change=True)
+
+
+def callback_settings(callbacks: list | dict | None) -> dict[str, dict]:
+    """The ``trainer.callbacks`` entries of a config (``class_path`` + ``init_args``) as ``{name: init_args}``; the
+    name is the callback's dashboard prefix (``lisa``, ``owlore``, ``badam``, ``pld``) or its class name in snake
+    case (``layer_diagnostics``), numbered when a class appears twice."""
+    out: dict[str, dict] = {}
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []:
+        if not isinstance(entry, dict) or "class_path" not in entry:
+            continue
+        try:
+            prefix = getattr(import_class(entry["class_path"]), "log_prefix", None)
+        except ImportError:
+            prefix = None
+        name = prefix or re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", entry["class_path"].rsplit(".", 1)[-1]).lower()
+        key, n = name, 2
+        while key in out:
+            key, n = f"{name}_{n}", n + 1
+        out[key] = dict(entry.get("init_args") or {})
+    return out
 
 
 class RecipesCLI(LightningCLI):

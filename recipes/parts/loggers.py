@@ -13,6 +13,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from recipes.parts.wandb_files import last_step
+
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -177,12 +179,25 @@ def remove_unused_run_dir(run_dir: str | Path, loggers: list[Logger]) -> None:
 
 
 class _WandbLogger(WandbLogger):
-    """``WandbLogger`` minus the ``anonymous`` setting: Lightning always passes it and recent W&B releases warn that
-    it has no effect."""
+    """``WandbLogger`` minus the ``anonymous`` setting (Lightning always passes it and recent W&B releases warn that
+    it has no effect), and, offline, continuing the history steps of the offline runs already in its folder: a
+    resumed run's ``_step`` goes on from where the interrupted one stopped instead of restarting at 0 (online,
+    W&B's server does that)."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         getattr(self, "_wandb_init", {}).pop("anonymous", None)
+        offline = kwargs.get("offline") or os.environ.get("WANDB_MODE") == "offline"
+        self._continue_after = last_step(kwargs["save_dir"]) if offline and _rank() == 0 else None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        run = WandbLogger.experiment.fget(self)
+        if self._continue_after is not None:
+            start, self._continue_after = self._continue_after + 1, None
+            run.log({}, step=start, commit=False)  # the next row is step `start`
+        return run
 
 
 def check_log_dir(root: str | Path, min_free_mb: int = 100) -> None:
