@@ -77,7 +77,7 @@ def point_latest(run_dir: str | Path) -> None:
     """Make ``<run name>/latest`` a symlink to ``run_dir`` (``version_N``), replaced atomically, so a command can
     name the run that was just created (``runs/sft/latest/checkpoints``) whatever its number."""
     run_dir = Path(run_dir)
-    link, tmp = run_dir.parent / "latest", run_dir.parent / f".latest-{os.getpid()}"
+    link, tmp = run_dir.parent / "latest", run_dir.parent / f".latest-{uuid.uuid4().hex}"
     try:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(run_dir.name, target_is_directory=True)
@@ -176,6 +176,12 @@ def remove_unused_run_dir(run_dir: str | Path, loggers: list[Logger]) -> None:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish(exit_code=1)
     shutil.rmtree(run_dir, ignore_errors=True)
+    link = Path(run_dir).parent / "latest"
+    if link.is_symlink() and not link.exists():  # it named the removed folder: the newest one left, or none
+        left = sorted((p for p in link.parent.glob("version_*") if p.name[8:].isdigit()), key=lambda p: int(p.name[8:]))
+        link.unlink()
+        if left:
+            point_latest(left[-1])
 
 
 class _WandbLogger(WandbLogger):
