@@ -30,6 +30,7 @@ from callbacks.run.resume_settings import OptimizerSettingsOnResume
 from callbacks.run.run_info import RunInfoLogger
 from recipes import resume
 from recipes.checkpoints import import_class
+from recipes.commands.checks import CommandError
 from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -302,8 +303,11 @@ def resolve_config_args(argv: list[str]) -> list[str]:
 
 
 def print_recipes(argv: list[str] | None = None) -> None:
-    """``list``: each recipe with its summary, and where the YAMLs are (to run by name or copy); ``argv`` (the
-    words after ``list``) is not used."""
+    """``list``: each recipe with its summary, and where the YAMLs are (to run by name or copy); ``list`` takes no
+    arguments (``argv``, the words after it, must be empty)."""
+    if argv:
+        raise CommandError(f"list takes no arguments, got {argv}; run a recipe with python -m recipes fit --config "
+                           "<name>")
     summaries = recipe_summaries()
     width = max(map(len, summaries), default=0)
     for name, line in summaries.items():

@@ -218,3 +218,7 @@ def test_validating_a_checkpoint_does_not_print_that_weights_only_was_not_set(ck
     assert "Restoring states from the checkpoint" in caplog.text
     assert "weights_only" not in caplog.text
     assert list((tmp_path / "eval").rglob("metrics.csv"))  # --eval_root: the results went there
+
+
+def test_list_refuses_arguments(capsys):
+    assert "list takes no arguments, got ['sft']" in refusal(capsys, "list", "sft")
