@@ -170,6 +170,13 @@ def test_restore_owns_its_output(tmp_path, capsys):
     assert not (tmp_path / "full" / "old.bin").exists() and (tmp_path / "full" / "config.json").is_file()
     assert "does not exist" in refusal(capsys, "restore", "--base", str(tmp_path / "missing"), "--post", b,
                                        "--blocks", "0:1", "--output", str(tmp_path / "x"))
+    broken = tmp_path / "broken"
+    shutil.copytree(a, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    line = refusal(capsys, "restore", "--base", str(broken), "--post", b, "--blocks", "0:1", "--output",
+                   str(tmp_path / "z"))
+    assert f"--base='{broken}' does not load as a Hugging Face model" in line
     assert "--blocks='0:9' is outside" in refusal(capsys, "restore", "--base", a, "--post", b, "--blocks", "0:9",
                                                   "--output", str(tmp_path / "y"))
 

@@ -48,7 +48,11 @@ def load_causal_lm(source: str, tokenizer: str | None = None, what: str = "--mod
         if not (path / "config.json").is_file():
             raise CommandError(f"{what}={source!r} is a folder without config.json; give a Hugging Face model "
                                "folder (save_pretrained) or a checkpoint (.ckpt)")
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        except Exception as err:  # noqa: BLE001 - truncated weights (SafetensorError), unknown model type, ...
+            raise CommandError(f"{what}={source!r} does not load as a Hugging Face model: {type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:300]}") from err
         if tokenizer is None and not any(path.glob("tokenizer*")):
             raise CommandError(f"{what}={source!r} holds no tokenizer files; pass --tokenizer (a folder or 'char')")
         return model, load_tokenizer(tokenizer or str(path))
