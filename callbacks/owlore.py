@@ -104,7 +104,9 @@ class OwLore(LISA):
         blocks_path: dotted path to the blocks for models the block finder does not know.
     """
 
-    log_prefix = "owlore"  # its own dashboard area: owlore/block_<i>, owlore/blocks, owlore/score_<i>, owlore/prob_<i>
+    # its own dashboard area: owlore/block_<i>, owlore/score_<i>, owlore/prob_<i> (CSV); W&B panels:
+    log_prefix = "owlore"
+    panel_names = ("owlore/blocks", "owlore/scores", "owlore/probs")
 
     def __init__(
         self,
@@ -180,9 +182,9 @@ class OwLore(LISA):
         rank_zero_info(f"OwLore outlier scores (M={self.outlier_threshold}):\n{table}")
         values = {"score": list(self.scores), "prob": [float(p) for p in probs]}
         log_block_scalars(trainer.loggers, values, lambda metric, i: f"owlore/{metric}_{i}", trainer.global_step)
-        for metric, per_block in values.items():  # W&B: one panel each, not a chart per block
-            panel = BlockPanel(f"owlore/{metric}s")
-            panel.add(trainer.global_step, per_block)
+        for metric, name in (("score", "owlore/scores"), ("prob", "owlore/probs")):  # W&B: one panel each
+            panel = BlockPanel(name)
+            panel.add(trainer.global_step, values[metric])
             panel.draw_to(trainer.loggers, trainer.global_step)
 
     def _load_or_compute_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import csv
 import re
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import wandb
 import yaml
+from lightning.pytorch.loggers import Logger
 
+from callbacks import LISA, BAdam, OwLore
 from callbacks.mae_reconstruction import ROW_LABELS, MAEReconstructionLogger
 from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR, callback_settings
@@ -102,3 +105,27 @@ def test_mae_grids_name_their_rows():
     assert strip.shape[1] > 50 and grid.shape[1] == 3 * 32 + 4 * 2
     thirds = strip.chunk(len(ROW_LABELS), dim=0)
     assert all((third < 0.5).any() for third in thirds)  # text in each row's label
+
+
+class Recorder(Logger):
+    name, version = "recorder", 0
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize(("callback", "prefix"), [(OwLore(n_layers=1, scores=[1.0, 2.0, 3.0]), "owlore"),
+                                                  (LISA(n_layers=1), "lisa"), (BAdam(), "badam")])
+def test_each_technique_logs_under_its_own_prefix(callback, prefix):
+    callback._block_params, callback.active = [[], [], []], [1]
+    recorder = Recorder()
+    callback._log_active(SimpleNamespace(loggers=[recorder], log_every_n_steps=1), 0, switched=True)
+    assert recorder.rows == [(0, {f"{prefix}/block_0": 0.0, f"{prefix}/block_1": 1.0, f"{prefix}/block_2": 0.0})]
+    assert callback.panel.name == f"{prefix}/blocks"
