@@ -78,8 +78,14 @@ def export_timm(module: L.LightningModule, out: Path) -> Path:
         model, extra = module.model, {"label_names": list(module.label_names)}
         model_args = {"img_size": hp.img_size, "in_chans": hp.in_chans, "global_pool": hp.global_pool,
                       **(hp.model_kwargs or {})}
-    save_for_hf(model, str(out), model_config={"architecture": hp.model_name, **extra}, model_args=model_args,
-                safe_serialization=True)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    statistics = {}
+    for key in ("mean", "std"):  # the architecture's 3-channel statistics as their channel mean for 1 channel: what
+        value = tuple(cfg.get(key) or ())  # timm would use anyway, saying so on every export ("does not match")
+        if value and len(value) != hp.in_chans:
+            statistics[key] = (sum(value) / len(value),) * hp.in_chans
+    save_for_hf(model, str(out), model_config={"architecture": hp.model_name, "pretrained_cfg": statistics, **extra},
+                model_args=model_args, safe_serialization=True)
     return out
 
 
