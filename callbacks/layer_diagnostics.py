@@ -11,9 +11,12 @@ are comparable over time), for every block l with input h_in and output h_out:
     trained, ran      share of the optimizer steps / training batches since the previous measurement in which the
                       block had gradients / was computed (LISA, OwLore, BAdam freeze blocks; layer drop skips them)
 
-Values are logged as ``layers/<metric>/<block>`` at the optimizer step they describe. At the end of training one
-blocks x time heatmap per metric is drawn into ``<run dir>/layer_diagnostics/<metric>.png`` and sent to W&B and
-TensorBoard when those loggers are used; blocks that did not train or run are marked on it.
+Values are logged as ``layers/<metric>/<block>`` at the optimizer step they describe to table loggers (CSV).
+During training (after a measurement, at most every ``heatmap_seconds``), at the end of training and when training
+stops on an exception (a preemption included) one blocks x time heatmap per metric is drawn into
+``<run dir>/layer_diagnostics/<metric>.png`` and sent to W&B (``layers/<metric>_heatmap``: one panel per metric
+instead of a chart per block) and TensorBoard when those loggers are used; blocks that did not train or run are
+marked on it.
 
 The probe forward runs in eval mode (no dropout, layer drop runs every block), under ``torch.no_grad`` and a
 forked random state, so the callback does not change training. Under DDP the probe batch is rank 0's, so every
@@ -24,6 +27,7 @@ saved in checkpoints, so a resumed run logs the same values; ``update_ratio=Fals
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from callbacks.core.block_panel import log_block_scalars
 from callbacks.core.blocks import find_blocks
 from callbacks.core.heatmap import draw_heatmap
 from callbacks.core.image_log import log_image
@@ -57,7 +62,10 @@ class LayerDiagnostics(Callback):
         probe_size: rows of the first training batch kept as the probe batch (``None``: the whole batch).
         update_ratio: measure ||dW|| / ||W|| (keeps a copy of the block weights).
         logit_lens: measure the logit-lens KL of every block (causal LMs with a final norm and output head).
-        heatmaps: draw the heatmaps at the end of training.
+        heatmaps: draw the heatmaps during training (after a measurement, at most every ``heatmap_seconds``), at
+            the end of training and on an exception.
+        heatmap_seconds: least wall-clock time between two drawings during training (0: after every
+            measurement).
         snapshot_device: where the weight copy for the update ratio lives (``"cpu"`` spares accelerator memory;
             ``None``: next to the weights).
         blocks_path: dotted path to the blocks for models :func:`~callbacks.core.blocks.find_blocks` does not know.
@@ -65,9 +73,12 @@ class LayerDiagnostics(Callback):
 
     def __init__(self, interval: int = 100, probe_size: int | None = 8, update_ratio: bool = True,
                  logit_lens: bool = False, heatmaps: bool = True, snapshot_device: str | None = None,
-                 blocks_path: str | None = None) -> None:
+                 blocks_path: str | None = None, heatmap_seconds: float = 60.0) -> None:
         if interval < 1:
             raise ValueError(f"interval must be a positive number of optimizer steps, got {interval}")
+        if not heatmap_seconds >= 0:
+            raise ValueError(f"heatmap_seconds must be >= 0, got {heatmap_seconds}")
+        self.heatmap_seconds = heatmap_seconds
         if probe_size is not None and probe_size < 1:
             raise ValueError(f"probe_size must be at least 1 (or null for the whole batch), got {probe_size}")
         self.interval = interval
@@ -75,6 +86,8 @@ class LayerDiagnostics(Callback):
         self.update_ratio = update_ratio
         self.logit_lens = logit_lens
         self.heatmaps = heatmaps
+        self._folder: Path | None = None  # where the heatmaps go (found at the first measurement)
+        self._drawn_at: float | None = None  # time.monotonic() of the last drawing (or of the first measurement)
         self.snapshot_device = snapshot_device
         self.blocks_path = blocks_path
         self.probe = None  # the probe batch, on the CPU
@@ -168,6 +181,11 @@ class LayerDiagnostics(Callback):
             folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call under DDP
             self.draw(trainer, folder / "layer_diagnostics")
 
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.heatmaps and self.steps and self._folder is not None:  # the folder of the last measurement
+            self.draw(trainer, self._folder)
+
     # ----------------------------------------------------------------------------------------- measurement
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, grad: list[float] | None,
                  update: list[float] | None) -> None:
@@ -187,10 +205,14 @@ class LayerDiagnostics(Callback):
         self.steps.append(step)
         for metric, per_block in values.items():
             self.history.setdefault(metric, []).append([float(v) for v in per_block])
-        metrics = {f"layers/{metric}/{i}": float(v) for metric, per_block in values.items()
-                   for i, v in enumerate(per_block) if not math.isnan(v)}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_block_scalars(trainer.loggers, values, lambda metric, i: f"layers/{metric}/{i}", step)
+        if self.heatmaps:
+            self._folder = self._folder or Path(trainer.log_dir or trainer.default_root_dir) / "layer_diagnostics"
+            now = time.monotonic()
+            self._drawn_at = now if self._drawn_at is None else self._drawn_at
+            if now - self._drawn_at >= self.heatmap_seconds:  # drawing takes a second: not after every tiny step
+                self.draw(trainer, self._folder)
+                self._drawn_at = now
 
     def probe_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list[float]]:
         """Block influence, contribution (and logit-lens KL) on the probe batch, without touching training."""

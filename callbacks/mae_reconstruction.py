@@ -1,10 +1,12 @@
-"""Log MAE reconstructions (original / masked / reconstruction rows) to the loggers and as PNG files."""
+"""Log MAE reconstructions (original / masked / reconstruction rows, each labelled on the left) to the loggers and as
+PNG files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
@@ -12,6 +14,23 @@ from torchvision.utils import make_grid, save_image
 from typing_extensions import override
 
 from callbacks.core.image_log import log_image
+
+ROW_LABELS = ("original", "masked", "reconstruction")
+
+
+def label_rows(grid: torch.Tensor, labels: tuple[str, ...]) -> torch.Tensor:
+    """``grid`` (``(C, H, W)`` in ``[0, 1]``, ``len(labels)`` equal rows) with a white strip on the left naming
+    each row, so a grid on the dashboard reads without its caption."""
+    from PIL import Image, ImageDraw
+
+    width = 8 + 7 * max(map(len, labels))
+    strip = Image.new("L", (width, grid.shape[1]), 255)
+    draw = ImageDraw.Draw(strip)
+    row_height = grid.shape[1] / len(labels)
+    for i, text in enumerate(labels):
+        draw.text((4, int((i + 0.5) * row_height) - 5), text, fill=0)
+    pixels = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0)
+    return torch.cat([pixels.expand(grid.shape[0], -1, -1).to(grid.dtype), grid], dim=2)
 
 
 class MAEReconstructionLogger(Callback):
@@ -88,7 +107,8 @@ class MAEReconstructionLogger(Callback):
 
         masked_view = torch.where(mask.bool(), torch.full_like(original, 0.5), scale(original))
         rows = torch.cat([scale(original), masked_view, scale(recon)])
-        return make_grid(rows, nrow=original.shape[0], padding=2, pad_value=1.0)
+        grid = make_grid(rows, nrow=original.shape[0], padding=2, pad_value=1.0)
+        return label_rows(grid, ROW_LABELS)
 
     @rank_zero_only
     def _log(self, trainer: L.Trainer, grid: torch.Tensor, log_dir: str | None) -> None:
@@ -99,5 +119,5 @@ class MAEReconstructionLogger(Callback):
         save_image(grid, path)
         self.saved.append(path)
         log_image(trainer.loggers, "mae/reconstruction", grid, step=trainer.global_step,
-                  caption="rows: original / masked / reconstruction")
+                  caption="rows: " + " / ".join(ROW_LABELS))
 

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from callbacks.core.block_panel import BlockPanel, log_block_scalars
 from callbacks.core.galore import GaLoreAdamW
 from callbacks.core.layer_stats import forward_batch
 from callbacks.core.measured_weights import drawable, measure_on_first_batches, normalized
@@ -102,6 +103,10 @@ class OwLore(LISA):
         seed: seed of the sampling generator (the same on every rank).
         blocks_path: dotted path to the blocks for models the block finder does not know.
     """
+
+    # its own dashboard area: owlore/block_<i>, owlore/score_<i>, owlore/prob_<i> (CSV); W&B panels:
+    log_prefix = "owlore"
+    panel_names = ("owlore/blocks", "owlore/scores", "owlore/probs")
 
     def __init__(
         self,
@@ -175,10 +180,12 @@ class OwLore(LISA):
         table = "\n".join(f"  block {i:3d}: D = {s:7.3f}%  p = {p:.4f}" for i, (s, p) in
                           enumerate(zip(self.scores, probs, strict=True)))
         rank_zero_info(f"OwLore outlier scores (M={self.outlier_threshold}):\n{table}")
-        metrics = {f"owlore/score_{i}": s for i, s in enumerate(self.scores)}
-        metrics.update({f"owlore/prob_{i}": float(p) for i, p in enumerate(probs)})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        values = {"score": list(self.scores), "prob": [float(p) for p in probs]}
+        log_block_scalars(trainer.loggers, values, lambda metric, i: f"owlore/{metric}_{i}", trainer.global_step)
+        for metric, name in (("score", "owlore/scores"), ("prob", "owlore/probs")):  # W&B: one panel each
+            panel = BlockPanel(name)
+            panel.add(trainer.global_step, values[metric])
+            panel.draw_to(trainer.loggers, trainer.global_step)
 
     def _load_or_compute_scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
         path = Path(self.scores_file) if self.scores_file else None

@@ -11,8 +11,10 @@ import sys
 from collections.abc import Callable
 from functools import partial
 
+from recipes.checkpoints import CheckpointError
 from recipes.cli import print_recipes, quiet_third_party_warnings, resolve_config_args, run_lightning
 from recipes.commands import demo, diversity, export, restore
+from recipes.commands.checks import CommandError
 
 # command name -> its function, which takes the arguments after the name
 COMMANDS: dict[str, Callable[[list[str]], object]] = {
@@ -25,6 +27,7 @@ COMMANDS: dict[str, Callable[[list[str]], object]] = {
     "restore": restore.main,
     "diversity": diversity.main,
 }
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "demo")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     args = resolve_config_args(sys.argv[1:] if argv is None else argv)
     if argv is None:  # DDP workers start again from the process's command line: resolved like this one
         sys.argv[1:] = args
-    if args and args[0] in COMMANDS:
+    if args and args[0] in COMMANDS and args[0] not in LIGHTNING_COMMANDS:
+        try:
+            COMMANDS[args[0]](args[1:])
+        except (CommandError, CheckpointError) as err:
+            print(f"python -m recipes {args[0]}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    elif args and args[0] in COMMANDS:
         COMMANDS[args[0]](args[1:])
     else:  # no command, --help, or a misspelled one: LightningCLI's own help or error
         run_lightning(None, args)

@@ -82,4 +82,9 @@ def load_module(path: str | Path, classes: Collection[type[L.LightningModule]] |
     if classes is not None and cls not in classes:
         known = sorted(f"{c.__module__}.{c.__qualname__}" for c in classes)
         raise CheckpointError(f"Checkpoint {path} is of {cls.__module__}.{cls.__qualname__}; expected one of {known}")
-    return cls.load_from_checkpoint(path, map_location="cpu").eval()
+    try:  # our own checkpoints hold hyper-parameter objects: not weights_only (said, so torch does not warn)
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False).eval()
+    except Exception as err:  # weights of another architecture, a missing hyper-parameter, ...: name the file
+        reason = " ".join(str(err).split())[:400]
+        raise CheckpointError(f"Checkpoint {path} does not load into {cls.__qualname__}: {type(err).__name__}: "
+                              f"{reason}") from err

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 import warnings
@@ -29,19 +30,45 @@ from callbacks.run.resume_settings import OptimizerSettingsOnResume
 from callbacks.run.run_info import RunInfoLogger
 from callbacks.run.train_mode import TrainModeCheck
 from recipes import resume
+from recipes.checkpoints import import_class
+from recipes.commands.checks import CommandError
 from recipes.parts.loggers import check_log_dir, default_loggers, eval_loggers, remove_unused_run_dir
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Saves ``config.yaml`` into the run's own directory and sends the same config to W&B."""
+    """Saves ``config.yaml`` into the run's own directory and sends the same config to W&B, with each callback's
+    settings also under ``callbacks.<name>`` (:func:`callback_settings`), so runs filter by ``callbacks.lisa.n_layers``
+    (inside the ``trainer.callbacks`` list they cannot)."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 nested = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))  # filterable keys
+                subcommand = nested.get(nested.get("subcommand")) if "subcommand" in nested else nested
+                nested["callbacks"] = callback_settings(((subcommand or {}).get("trainer") or {}).get("callbacks"))
                 logger.experiment.config.update(nested, allow_val_change=True)
+
+
+def callback_settings(callbacks: list | dict | None) -> dict[str, dict]:
+    """The ``trainer.callbacks`` entries of a config (``class_path`` + ``init_args``) as ``{name: init_args}``; the
+    name is the callback's dashboard prefix (``lisa``, ``owlore``, ``badam``, ``pld``) or its class name in snake
+    case (``layer_diagnostics``), numbered when a class appears twice."""
+    out: dict[str, dict] = {}
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []:
+        if not isinstance(entry, dict) or "class_path" not in entry:
+            continue
+        try:
+            prefix = getattr(import_class(entry["class_path"]), "log_prefix", None)
+        except ImportError:
+            prefix = None
+        name = prefix or re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", entry["class_path"].rsplit(".", 1)[-1]).lower()
+        key, n = name, 2
+        while key in out:
+            key, n = f"{name}_{n}", n + 1
+        out[key] = dict(entry.get("init_args") or {})
+    return out
 
 
 class RecipesCLI(LightningCLI):
@@ -79,6 +106,10 @@ class RecipesCLI(LightningCLI):
         parser.add_argument("--wandb_project", type=str, default="layerwise-recipes", help="W&B project name")
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="run name for the log directory (default: the config file's name)")
+        parser.add_argument("--eval_root", type=str | None, default=None,
+                            help="validate/test of a checkpoint file: write the results under "
+                                 "<eval_root>/<run>/<version>/eval/ (default: beside the checkpoint's run, or "
+                                 "under trainer.default_root_dir when that folder is read-only)")
         parser.add_argument("--min_free_mb", type=int, default=100,
                             help="refuse to start when the log directory's disk has less free space than this")
         parser.add_argument("--last_ckpt_every_minutes", type=float | None, default=15.0,
@@ -103,6 +134,10 @@ class RecipesCLI(LightningCLI):
         if sub and "ckpt_path" in self.config[sub]:
             self.resume_plan = resume.plan(self.config[sub], sub, self._run_name(self.config[sub]))
             self.config[sub]["ckpt_path"] = self.resume_plan.path
+            if self.resume_plan.path and self.config[sub].get("weights_only", False) is None:
+                # our checkpoints hold hyper-parameter objects (not weights only), and recipes.checkpoints has
+                # already read this one: said here, so Lightning does not print that it was not set
+                self.config[sub]["weights_only"] = False
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
             if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints
@@ -147,11 +182,13 @@ class RecipesCLI(LightningCLI):
         return "-untrained"
 
     def _default_loggers(self, config, root: str, name: str) -> list:
-        """CSV (+ W&B) loggers: beside the training run when evaluating a checkpoint file, else in
-        ``<root>/<name>/version_N`` (the resumed version, or a new one this run claims)."""
+        """CSV (+ W&B) loggers: beside the training run when evaluating a checkpoint file (or under ``--eval_root``,
+        or ``<root>`` when the run is read-only), else in ``<root>/<name>/version_N`` (the resumed version, or a new
+        one this run claims)."""
         ckpt = config.get("ckpt_path")
         if self.subcommand in ("validate", "test") and ckpt and Path(ckpt).is_file():  # beside the training run
-            loggers = eval_loggers(ckpt, self.subcommand, config["wandb"], config["wandb_project"])
+            loggers = eval_loggers(ckpt, self.subcommand, config["wandb"], config["wandb_project"],
+                                   config["eval_root"], root)
             # the restored ModelCheckpoint state names the training run's folder; evaluation saves nothing
             warnings.filterwarnings("ignore", "The dirpath has changed from", UserWarning)
         else:
@@ -228,31 +265,52 @@ def recipe_summaries() -> dict[str, str]:
     return out
 
 
-def resolve_config(value: str) -> str:
-    """A ``--config`` value: an existing file as given, else the packaged recipe of that name (``lisa_sft``)."""
-    if Path(value).exists() or value.lstrip().startswith("{"):
+class ConfigNotFound(SystemExit):
+    """A ``--config`` value that names no file and no packaged recipe (exits with status 2 and the message)."""
+
+
+def resolve_config(value: str, option: str = "--config") -> str:
+    """A ``--config`` value: an existing file as given; a bare name (no folder, e.g. ``lisa_sft`` or
+    ``lisa_sft.yaml``) that is not a file here, the packaged recipe of that name; anything else that does not
+    exist is an error (:class:`ConfigNotFound`): a path with a folder in it is never replaced by a packaged recipe
+    (``my_stf/sft.yaml`` must not silently run the packaged ``sft.yaml``)."""
+    if Path(value).exists() or value.lstrip().startswith(("{", "[")):
         return value
-    packaged = CONFIG_DIR / Path(value).name
-    for candidate in (packaged, packaged.with_suffix(".yaml")):
+    packaged = CONFIG_DIR / value
+    bare = Path(value).name == value and value not in ("", ".", "..")
+    for candidate in (packaged, packaged.with_name(packaged.name + ".yaml")) if bare else ():
         if candidate.is_file():
             return str(candidate)
-    return value
+    hint = ("a bare name looks in the packaged recipes: " + ", ".join(recipe_summaries())) if bare else \
+        "a path with a folder in it must exist (only a bare name, e.g. 'sft', looks in the packaged recipes)"
+    raise ConfigNotFound(f"error: {option} {value!r}: no such file; {hint}")
+
+
+CONFIG_OPTIONS = ("--config", "-c")
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config NAME`` / ``--config=NAME`` resolved by :func:`resolve_config`."""
+    """``argv`` with every ``--config NAME`` / ``--config=NAME`` / ``-c NAME`` / ``-c=NAME`` resolved by
+    :func:`resolve_config` (``-c`` is LightningCLI's short form of ``--config``); the words after ``--`` are left
+    alone."""
     out = list(argv)
     for i, arg in enumerate(out):
-        if arg == "--config" and i + 1 < len(out):
-            out[i + 1] = resolve_config(out[i + 1])
-        elif arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
+        if arg == "--":
+            break
+        if arg in CONFIG_OPTIONS and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1], arg)
+        elif arg.startswith(tuple(f"{o}=" for o in CONFIG_OPTIONS)):
+            option, _, value = arg.partition("=")
+            out[i] = f"{option}={resolve_config(value, option)}"
     return out
 
 
 def print_recipes(argv: list[str] | None = None) -> None:
-    """``list``: each recipe with its summary, and where the YAMLs are (to run by name or copy); ``argv`` (the
-    words after ``list``) is not used."""
+    """``list``: each recipe with its summary, and where the YAMLs are (to run by name or copy); ``list`` takes no
+    arguments (``argv``, the words after it, must be empty)."""
+    if argv:
+        raise CommandError(f"list takes no arguments, got {argv}; run a recipe with python -m recipes fit --config "
+                           "<name>")
     summaries = recipe_summaries()
     width = max(map(len, summaries), default=0)
     for name, line in summaries.items():

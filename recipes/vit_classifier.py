@@ -151,10 +151,18 @@ class ViTClassifierModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=False)
         if macro is not None:
             self.log(f"{stage}/auroc_macro", macro, prog_bar=True)
-        if undefined and not self.trainer.sanity_checking:
-            rank_zero_warn(f"{stage}: AUROC undefined (no positives or no negatives) for {undefined}; "
-                           "left out of the macro mean")
+        if not self.trainer.sanity_checking:
+            self.warn_undefined(stage, undefined)
         return macro, per_label, positives, negatives
+
+    def warn_undefined(self, stage: str, undefined: list[str]) -> None:
+        """Warn about labels without an AUROC (no positives or no negatives) once per stage and set of labels: a
+        validation set that never holds a label would otherwise repeat the same warning at every validation."""
+        warned = self.__dict__.setdefault("_undefined_warned", {})
+        if undefined and warned.get(stage) != undefined:
+            rank_zero_warn(f"{stage}: AUROC undefined (no positives or no negatives) for {undefined}; "
+                           "left out of the macro mean (said once while the set stays the same)")
+        warned[stage] = undefined
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -1,10 +1,13 @@
-"""Every shell command shown in README.md and docs/*.md runs, shortened, so a documented command cannot silently break.
+"""Every shell command and Python snippet shown in README.md and docs/*.md runs, shortened, so a documented command
+cannot silently break.
 
 The ```bash / ```sh / ```console blocks of each page are parsed (backslash continuations joined, ``$`` prompts and
 ``#`` comments removed) and run in order in one scratch folder per page (later commands use what earlier ones
 wrote, e.g. ``$(ls runs/sft/version_0/checkpoints/*.ckpt)``). How each command is run is decided by RULES, in
-order; a command no rule covers fails the test, so a new kind of command needs a rule here. The metric names the
-pages mention are then checked against what those runs logged.
+order; a command no rule covers fails the test, so a new kind of command needs a rule here. Each ```python block
+runs as written, in its place among the page's commands and in the same folder (the export page's snippet loads
+the folder its commands exported). The metric names the pages mention are then checked against what those runs
+logged.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pytest
 import yaml
 
 from recipes.__main__ import main
-from recipes.cli import resolve_config
+from recipes.cli import ConfigNotFound, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -56,10 +59,15 @@ class Command:
     argv: list[str] = field(default_factory=list)
 
 
-def shell_blocks(page: Path) -> list[tuple[int, str]]:
+def code_blocks(page: Path) -> list[tuple[int, str, str]]:
+    """``(first line, language, text)`` of each shell and Python block of ``page``, in page order."""
     text = page.read_text()
-    return [(text[:m.start()].count("\n") + 2, m.group(2))
-            for m in re.finditer(r"^```(bash|sh|console)[ \t]*\n(.*?)^```", text, flags=re.S | re.M)]
+    return [(text[:m.start()].count("\n") + 2, m.group(1), m.group(2))
+            for m in re.finditer(r"^```(bash|sh|console|python)[ \t]*\n(.*?)^```", text, flags=re.S | re.M)]
+
+
+# pages whose Python snippets a test of their own runs and checks in more detail
+PYTHON_TESTED_ELSEWHERE = {"use_in_your_project.md": "tests/test_use_in_your_project.py"}
 
 
 def strip_comment(line: str) -> str:
@@ -77,7 +85,11 @@ def strip_comment(line: str) -> str:
 
 def page_commands(page: Path) -> list[Command]:
     out = []
-    for start, block in shell_blocks(page):
+    for start, language, block in code_blocks(page):
+        if language == "python":
+            skip = PYTHON_TESTED_ELSEWHERE.get(page.name)
+            out.append(Command(page.name, start, block, f"skipped: run by {skip}" if skip else "python snippet"))
+            continue
         pending, first = "", start
         for offset, raw in enumerate(block.splitlines()):
             line = raw.strip()
@@ -104,8 +116,12 @@ def _recipe_classes(argv: list[str]) -> tuple[str | None, str | None]:
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.removeprefix("--config=") \
             if arg.startswith("--config=") else None
-        if value and Path(resolve_config(value)).is_file():
-            config = yaml.safe_load(Path(resolve_config(value)).read_text())
+        try:
+            path = Path(resolve_config(value)) if value else None
+        except ConfigNotFound:  # a file an earlier command of the page writes
+            path = None
+        if path is not None and path.is_file():
+            config = yaml.safe_load(path.read_text())
             return config.get("model", {}).get("class_path"), config.get("data", {}).get("class_path")
     return None, None
 
@@ -153,6 +169,8 @@ PYTHONS = ("python", "python3", ".venv/bin/python")
 
 def classify(command: Command, cwd: Path) -> Command:
     """Fill in ``rule`` and ``argv`` (after shell expansion in ``cwd``), or raise ``LookupError``."""
+    if command.rule:  # a Python snippet: run as written
+        return command
     words = _words(command.text)
     for prefix, why in SKIPPED.items():
         if tuple(words[:len(prefix)]) == prefix:
@@ -191,6 +209,13 @@ def run(command: Command, cwd: Path, monkeypatch) -> str | None:
     """Run one classified command; returns an error text, or None."""
     if command.rule.startswith("skipped"):
         return None
+    if command.rule == "python snippet":
+        monkeypatch.chdir(cwd)
+        try:
+            exec(compile(command.text, f"{command.page}:{command.line}", "exec"), {"__name__": "__main__"})
+        except Exception as err:  # noqa: BLE001 - reported with the snippet
+            return f"{type(err).__name__}: {err}"
+        return None
     if command.argv[:2] == ["-m", "recipes"]:
         monkeypatch.chdir(cwd)
         monkeypatch.setattr(sys, "argv", ["recipes"])
@@ -224,7 +249,7 @@ def documented_runs(tmp_path_factory, request) -> dict[str, tuple[Path, list[Com
         (cwd / "data").symlink_to(shared_data)
         commands, failures = [], []
         for command in page_commands(page):
-            where = f"{page.name}:{command.line}: {command.text}"
+            where = f"{page.name}:{command.line}: {command.text.splitlines()[0]}"
             try:
                 classify(command, cwd)
             except LookupError as err:
@@ -298,7 +323,8 @@ def test_parser_joins_continuations_and_drops_comments(tmp_path):
                     "# a comment line\nmake test   # the suite\n```\n```python\nprint(1)\n```\n")
     commands = page_commands(page)
     assert [(c.line, c.text) for c in commands] == [
-        (3, 'python -m recipes fit --config a.yaml --x "$(ls b | tail -1)"'), (6, "make test")]
+        (3, 'python -m recipes fit --config a.yaml --x "$(ls b | tail -1)"'), (6, "make test"), (9, "print(1)\n")]
+    assert classify(commands[2], tmp_path).rule == "python snippet"
     assert classify(commands[1], tmp_path).rule.startswith("skipped")
     with pytest.raises(LookupError, match="no rule for 'rm'"):
         classify(Command("p.md", 1, "rm -rf runs"), tmp_path)

@@ -57,10 +57,11 @@ def test_keep_adapters_writes_peft_adapters_and_base(lora_ckpt, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*AUROC undefined")  # a few phantom images: some labels have no positive
-def test_vit_and_mae_checkpoints_export_to_timm_and_test_beside_the_run(tmp_path):
+def test_vit_and_mae_checkpoints_export_to_timm_and_test_beside_the_run(tmp_path, caplog):
     mae_run = run_recipe("fit", "mae_pretrain_cxr", tmp_path)
     mae = MAEPretrainModule.load_from_checkpoint(last_checkpoint(mae_run), map_location="cpu").eval()
     main(["export", "--ckpt_path", str(last_checkpoint(mae_run)), "--out", str(tmp_path / "mae_timm")])
+    assert "does not match 1 channels" not in caplog.text  # timm's note on 3-channel statistics: written for 1
     encoder = timm.create_model(f"local-dir:{tmp_path / 'mae_timm'}", pretrained=True).eval()
     images = torch.randn(2, 1, 64, 64)
     with torch.no_grad():

@@ -108,7 +108,7 @@ def test_sigterm_to_a_real_run_then_auto_resume_continues_the_same_run_folder(tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"--ckpt_path auto: resuming from {last} (step {saved})" in resumed.stderr
     assert "model.gradient_checkpointing: checkpoint False, now True" in resumed.stderr
-    assert [p.name for p in (tmp_path / "sft").iterdir()] == ["version_0"]  # same run folder, no version_1
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == ["latest", "version_0"]  # no version_1
     assert f"step {saved + 1}\n" in resumed.stdout and f"step {saved}\n" not in resumed.stdout
     rows = list(csv.DictReader((last.parents[1] / "metrics.csv").open()))
     train = [int(r["step"]) for r in rows if r.get("train/loss")]

@@ -143,8 +143,9 @@ def test_console_command_and_recipes_by_name(tmp_path, monkeypatch, capsys):
     assert resolve_config("lisa_sft.yaml") == str(CONFIG_DIR / "lisa_sft.yaml")
     (tmp_path / "lisa_sft.yaml").write_text("seed_everything: 1\n")
     assert resolve_config("lisa_sft.yaml") == "lisa_sft.yaml"  # a file of that name wins
-    assert resolve_config_args(["fit", "--config=sft", "--config", "nope"]) == \
-        ["fit", f"--config={CONFIG_DIR / 'sft.yaml'}", "--config", "nope"]
+    assert resolve_config_args(["fit", "--config=sft", "-c", "lisa_sft", "-c=owlore_sft"]) == \
+        ["fit", f"--config={CONFIG_DIR / 'sft.yaml'}", "-c", str(CONFIG_DIR / "lisa_sft.yaml"),
+         f"-c={CONFIG_DIR / 'owlore_sft.yaml'}"]
     main(["list"])
     out = capsys.readouterr().out
     assert str(CONFIG_DIR) in out and "lisa_sft" in out

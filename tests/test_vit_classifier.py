@@ -101,3 +101,13 @@ def test_auroc_undefined_labels_are_left_out_of_the_mean(tmp_path):
     rows = list(csv.reader(csv_path.open()))
     assert rows[3] == ["c", "undefined", "0", "4"] and rows[4][:2] == ["macro", "0.7500"]
     assert png_path.stat().st_size > 0
+
+
+def test_the_same_undefined_auroc_labels_warn_once_per_stage():
+    module = ViTClassifierModule.__new__(ViTClassifierModule)
+    with pytest.warns(UserWarning, match="AUROC undefined") as record:
+        for undefined in (["Hernia"], ["Hernia"], ["Hernia"], ["Hernia", "Edema"], ["Hernia", "Edema"]):
+            module.warn_undefined("val", undefined)
+        module.warn_undefined("test", ["Hernia"])
+    assert [str(w.message).split(" for ")[1].split(";")[0] for w in record] == \
+        ["['Hernia']", "['Hernia', 'Edema']", "['Hernia']"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -24,6 +25,7 @@ from datamodules.tokenizer import load_tokenizer
 from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR, RecipesCLI
 from recipes.grpo.checks import ZeroRewardStreak, check_sft_fits_verifier
+from recipes.parts import loggers as loggers_module
 from recipes.parts.auroc import log_auroc_table, write_auroc_table
 from recipes.parts.hf_model import build_causal_lm
 from recipes.parts.loggers import default_loggers, eval_loggers
@@ -124,6 +126,29 @@ def test_eval_loggers_write_into_the_checkpoints_run_folder(tmp_path, monkeypatc
     assert second[0].log_dir.endswith("eval/test_1")
     assert train[1]._wandb_init["group"] == first[1]._wandb_init["group"] == "sft/version_0"
     assert first[1]._wandb_init["job_type"] == "test"
+
+
+def test_latest_names_the_newest_run_and_eval_through_it_groups_with_that_version(tmp_path):
+    default_loggers(tmp_path / "runs", "sft", wandb="disabled")
+    default_loggers(tmp_path / "runs", "sft", wandb="disabled")
+    latest = tmp_path / "runs" / "sft" / "latest"
+    assert latest.is_symlink() and latest.resolve() == (tmp_path / "runs" / "sft" / "version_1").resolve()
+    evaluation = eval_loggers(latest / "checkpoints" / "last.ckpt", "test", wandb="disabled")
+    assert Path(evaluation[0].log_dir).resolve() == (tmp_path / "runs" / "sft" / "version_1" / "eval" / "test_0")
+    assert default_loggers(tmp_path / "runs", "sft", wandb="disabled")[0].log_dir.endswith("version_2")
+
+
+def test_eval_of_a_read_only_run_writes_under_the_root_or_eval_root(tmp_path, monkeypatch):
+    run = tmp_path / "shared" / "sft" / "version_3"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    real_access = loggers_module.os.access
+    monkeypatch.setattr(loggers_module.os, "access", lambda p, mode: Path(p) != run and real_access(p, mode))
+    loggers = eval_loggers(ckpt, "test", wandb="disabled", fallback_root=tmp_path / "runs")
+    assert loggers[0].log_dir == str(tmp_path / "runs" / "sft" / "version_3" / "eval" / "test_0")
+    mine = eval_loggers(ckpt, "validate", wandb="disabled", eval_root=tmp_path / "mine")
+    assert mine[0].log_dir == str(tmp_path / "mine" / "sft" / "version_3" / "eval" / "validate_0")
+    assert not (run / "eval").exists()
 
 
 # --------------------------------------------------------------------------------------------- 4. dashboard
@@ -250,8 +275,9 @@ def test_runs_started_at_once_never_share_a_version_folder(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert len(set(dirs)) == 8 and sorted(p.name for p in (tmp_path / "same").iterdir()) == \
+    assert len(set(dirs)) == 8 and sorted(p.name for p in (tmp_path / "same").iterdir() if p.name != "latest") == \
         sorted(f"version_{i}" for i in range(8))
+    assert (tmp_path / "same" / "latest").resolve().name in {f"version_{i}" for i in range(8)}
 
 
 def test_missing_model_path_says_so_and_leaves_no_run_folder(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@
 - ``measured_weights``: per-block sampling weights measured on the first training batches (LISA importance,
   OwLore outlier scores).
 - ``heatmap``: ``draw_heatmap``, the blocks x time picture of one per-block metric.
+- ``block_panel``: a per-block metric on the dashboard: scalars per block for CSV, one heatmap panel for W&B.
 - ``image_log``: ``log_image``, one image to every logger that shows images (W&B, TensorBoard).
 - ``galore``: ``GaLoreAdamW``, the low-rank-gradient optimizer OwLore trains with.
 - ``unused_parameters``: ``allow_unused_parameters``, the DDP/FSDP setting a callback that freezes or skips blocks

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from callbacks.core.block_panel import BlockPanel, log_block_scalars
 from callbacks.core.blocks import ModelParts, find_blocks
 from callbacks.core.unused_parameters import allow_unused_parameters
 
@@ -50,7 +51,7 @@ class BlockSwitching(Callback):
         blocks_path: dotted path to the blocks for models :func:`~callbacks.core.blocks.find_blocks` does not know.
     """
 
-    log_prefix = "blocks"  # metrics: <log_prefix>/block_<i> = 1 while block i trains
+    log_prefix = "blocks"  # metrics: <log_prefix>/block_<i> = 1 while block i trains; W&B panel <log_prefix>/blocks
 
     def __init__(
         self,
@@ -78,6 +79,7 @@ class BlockSwitching(Callback):
         self.generator = torch.Generator().manual_seed(seed)
         self.active: list[int] = []
         self.sampled_at: int = -1  # optimizer step of the last draw
+        self.panel = BlockPanel(f"{self.log_prefix}/blocks")  # the W&B view of which blocks trained when
         self.parts: ModelParts | None = None
         self._block_params: list[list[nn.Parameter]] = []
         self._always_on: list[nn.Parameter] = []
@@ -158,11 +160,21 @@ class BlockSwitching(Callback):
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.interval == 0 and step != self.sampled_at:
+        switched = step % self.interval == 0 and step != self.sampled_at
+        if switched:
             self.switch(trainer, self.draw(len(self._block_params)))
             self.sampled_at = step
-        pl_module.log_dict({f"{self.log_prefix}/block_{i}": float(i in self.active)
-                            for i in range(len(self._block_params))}, on_step=True, on_epoch=False, batch_size=1)
+        self._log_active(trainer, step, switched)
+
+    def _log_active(self, trainer: L.Trainer, step: int, switched: bool) -> None:
+        """Which blocks train: ``<log_prefix>/block_<i>`` (1 = training) to table loggers (CSV) at every logged
+        step and switch, and one ``<log_prefix>/blocks`` heatmap panel (blocks x steps) to W&B at every switch."""
+        values = [float(i in self.active) for i in range(len(self._block_params))]
+        self.panel.add(step, values)
+        if switched or step % max(trainer.log_every_n_steps, 1) == 0:
+            log_block_scalars(trainer.loggers, {"block": values}, lambda _, i: f"{self.log_prefix}/block_{i}", step)
+        if switched:
+            self.panel.draw_to(trainer.loggers, step)
 
     def switch(self, trainer: L.Trainer, new_active: list[int]) -> None:
         """Deactivate blocks leaving the active set (dropping their optimizer state), activate the new ones."""

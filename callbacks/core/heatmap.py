@@ -40,10 +40,12 @@ def draw_heatmap(values: Sequence[Sequence[float]], steps: Sequence[int], title:
         ax.legend(loc="upper left", bbox_to_anchor=(0, -0.15), fontsize="small", ncol=2, frameon=False)
     fig.canvas.draw()
     rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
     plt.close(fig)
+    if path is not None:  # the pixels already drawn (savefig would render the figure a second time)
+        from PIL import Image
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(path)
     return rgb
 
 

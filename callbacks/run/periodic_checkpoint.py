@@ -70,6 +70,6 @@ class PeriodicLastCheckpoint(Callback):
     def save(self, trainer: L.Trainer) -> str:
         """Write ``last.ckpt`` now (every rank must call this); returns its path."""
         path = str(checkpoint_dir(trainer) / self.filename)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # full state; said, so Lightning does not note it
         self._last_time, self._last_step, self.last_path = monotonic(), trainer.global_step, path
         return path

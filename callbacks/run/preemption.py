@@ -102,7 +102,7 @@ class PreemptionCheckpoint(Callback):
             return
         signum = self.received or signal.SIGTERM
         path = str(checkpoint_dir(trainer) / self.filename)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # full state; said, so Lightning does not note it
         requeued = self._requeue(trainer)
         err = Preempted(signum, path, trainer.global_step, requeued)
         rank_zero_info(str(err))

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import string
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,7 +39,10 @@ from datamodules.diversity import (
 from datamodules.rewards import QAExactMatch
 from datamodules.tokenizer import require_chat_template
 from datamodules.verifiable_qa import read_verifiable_file
+from recipes.commands.checks import CommandError
 from recipes.commands.restore import load_causal_lm
+
+TEMPLATE_FIELDS = ("length", "allowed", "allowed_list")  # what a CRC request fills into --crc_template
 
 
 @torch.no_grad()
@@ -70,6 +75,9 @@ def evaluate_crc(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, num
                  template: str = CRC_TEMPLATE, **sampling) -> dict[str, float]:
     """CRC validity and diversity, averaged over ``num_prompts`` requests (``crc/entropy`` over prompts with a
     valid answer; 0 when none has one)."""
+    problem = template_problem(template)
+    if problem:
+        raise ValueError(f"CRC template {template!r} {problem}")
     requests = crc_prompts(num_prompts, seed, pool, set_sizes, length)
     groups = sample_completions(model, tokenizer, [r.text(template) for r in requests], k, **sampling)
     scores = [crc_scores([text for text, _ in group], r.allowed) for r, group in zip(requests, groups, strict=True)]
@@ -88,6 +96,8 @@ def evaluate_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     GSM8K form is scored by the answer after ``####`` (``answer_mode`` strict) or the last number (flexible), CRC
     prompts in it by their validity; QA form by normalized exact match.
     """
+    if max_prompts is not None and max_prompts < 1:  # [:0] would divide by zero, [:-1] drop the last prompt
+        raise ValueError(f"max_prompts must be >= 1 (or None: all), got {max_prompts}")
     form, rows = read_verifiable_file(path)
     rows = [row for _, row in rows][:max_prompts]
     groups = sample_completions(model, tokenizer, [r["question"] for r in rows], k, **sampling)
@@ -135,23 +145,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def template_problem(template: str) -> str | None:
+    """Why ``template`` cannot write CRC prompts (``None`` when it can): it must name the allowed characters
+    (``{allowed}`` or ``{allowed_list}``; without them no answer can be valid) and no other placeholder."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        return f"is not a format string ({err})"
+    unknown = sorted(fields - set(TEMPLATE_FIELDS))
+    if unknown:
+        return f"has unknown placeholders {unknown}; the known ones are {list(TEMPLATE_FIELDS)}"
+    if not fields & {"allowed", "allowed_list"}:
+        return "does not say which characters are allowed; it needs {allowed} or {allowed_list}"
+    return None
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every argument of ``diversity``, checked in one place; a bad one exits with a message naming it."""
+    if args.write_crc_data:
+        return
+    if not args.model:
+        parser.error("--model is required (or --write_crc_data DIR)")
+    for name in ("samples", "max_new_tokens", "batch_size", "max_prompts", "crc_length"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.crc_prompts < 0 or (args.crc_prompts == 0 and not args.prompts_file):
+        parser.error(f"--crc_prompts must be >= 1 unless --prompts_file is given, got {args.crc_prompts}")
+    if args.crc_prompts:
+        if not args.crc_pool or len(set(args.crc_pool)) != len(args.crc_pool):
+            parser.error(f"--crc_pool must be distinct characters, got {args.crc_pool!r}")
+        bad = [n for n in args.crc_set_sizes if not 1 <= n <= len(args.crc_pool)]
+        if bad:
+            parser.error(f"--crc_set_sizes must be between 1 and len(--crc_pool) = {len(args.crc_pool)}, got {bad}")
+    problem = template_problem(args.crc_template)
+    if problem and (args.crc_prompts or args.prompts_file):
+        parser.error(f"--crc_template={args.crc_template!r} {problem}")
+    if args.prompts_file and not Path(args.prompts_file).is_file():
+        parser.error(f"--prompts_file={args.prompts_file!r} is not a file")
+    if args.output and (Path(args.output).is_dir() or not Path(args.output).parent.is_dir()):
+        parser.error(f"--output={args.output!r} must be a file in an existing folder (one JSON line is appended)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate ``--model`` (or write the CRC data); prints and returns the metrics."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.write_crc_data:
         paths = write_crc_mix(args.write_crc_data, seed=args.seed)
         print(json.dumps({name: str(p) for name, p in paths.items()}))
         return {name: str(p) for name, p in paths.items()}
-    if not args.model:
-        parser.error("--model is required (or --write_crc_data DIR)")
-    for name in ("samples", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not (args.temperature > 0 and 0 < args.top_p <= 1):
-        parser.error(f"need --temperature > 0 and 0 < --top_p <= 1, got {args.temperature}, {args.top_p}")
-    if args.crc_prompts < 0 or (args.crc_prompts == 0 and not args.prompts_file):
-        parser.error(f"--crc_prompts must be >= 1 unless --prompts_file is given, got {args.crc_prompts}")
     model, tokenizer = load_causal_lm(args.model, args.tokenizer, "--model", args.dtype)
     model.to(args.device)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
@@ -167,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     line = json.dumps(result)
     print(line)
     if args.output:
-        with open(args.output, "a") as f:
-            f.write(line + "\n")
+        try:
+            with open(args.output, "a") as f:
+                f.write(line + "\n")
+        except OSError as err:
+            raise CommandError(f"--output={args.output!r} cannot be written: {err.strerror or err}") from err
     return result

@@ -7,4 +7,5 @@
 - ``hf_model``: building or loading a Hugging Face causal LM and its tokenizer.
 - ``vit_checkpoint``: loading a pre-trained encoder into a timm ViT.
 - ``loggers``: the default CSV + W&B loggers and the run folder.
+- ``wandb_files``: reading the W&B offline run files (a resumed run's step axis; the tests' checks).
 """

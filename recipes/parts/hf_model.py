@@ -52,6 +52,8 @@ def build_causal_lm(model_path: str | None, model_config: dict | None, tokenizer
                                     "save_pretrained() (nothing is downloaded)") from err
     else:
         cfg = dict(model_config or DEFAULT_MODEL_CONFIG)
+        for key in ("bos_token_id", "eos_token_id"):  # the tokenizer's, not the family's (GPT-2's 50256)
+            cfg.setdefault(key, getattr(tokenizer, key, None))
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg,
                                                                       vocab_size=len(tokenizer)), dtype=dtype)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):

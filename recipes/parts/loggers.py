@@ -13,6 +13,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from recipes.parts.wandb_files import last_step
+
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -71,6 +73,19 @@ def claim_run_dir(parent: str | Path, prefix: str = "version_") -> Path:
             continue  # another run took it between the listing and the mkdir
 
 
+def point_latest(run_dir: str | Path) -> None:
+    """Make ``<run name>/latest`` a symlink to ``run_dir`` (``version_N``), replaced atomically, so a command can
+    name the run that was just created (``runs/sft/latest/checkpoints``) whatever its number."""
+    run_dir = Path(run_dir)
+    link, tmp = run_dir.parent / "latest", run_dir.parent / f".latest-{uuid.uuid4().hex}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # a file system without symlinks: the numbered folder is still there
+        tmp.unlink(missing_ok=True)
+
+
 def wandb_run_id(run_dir: str | Path) -> str | None:
     """The W&B run id of a run folder, created once (by rank 0; other ranks do not log to W&B) and kept in
     ``wandb_id.txt``, so a resumed run logs to the same W&B run."""
@@ -93,32 +108,40 @@ def default_loggers(root: str | Path, name: str, wandb: str = "offline", project
     run's. The CSV writer is created first, while that directory is still empty. ``version`` (``version_N``)
     continues that existing run folder: its ``metrics.csv`` goes on from the step reached and W&B resumes the
     same run id. A new run's folder is claimed atomically (:func:`claim_run_dir`) by rank 0; the W&B run's group
-    is ``<name>/version_N``, shared with evaluations of its checkpoints (:func:`eval_loggers`).
+    is ``<name>/version_N``, shared with evaluations of its checkpoints (:func:`eval_loggers`); ``<name>/latest``
+    points to the newest run (:func:`point_latest`).
     """
     _check_mode(wandb)
     if version is not None:
         csv_logger = ContinuingCSVLogger(save_dir=str(root), name=name, version=version)
     elif _rank() == 0:
         run_dir = claim_run_dir(Path(root) / name)
+        point_latest(run_dir)
         csv_logger = CSVLogger(save_dir=str(root), name=name, version=int(run_dir.name.removeprefix("version_")))
     else:  # other DDP ranks never write; the trainer broadcasts rank 0's log_dir
         csv_logger = CSVLogger(save_dir=str(root), name=name)
     return _with_wandb(csv_logger, f"{name}/{Path(csv_logger.log_dir).name}", wandb, project, job_type="fit")
 
 
-def eval_loggers(ckpt_path: str | Path, stage: str, wandb: str = "offline",
-                 project: str = "layerwise-recipes") -> list:
-    """Loggers for ``validate``/``test`` of a checkpoint: ``<run dir>/eval/<stage>_N`` inside the checkpoint's run
-    folder (the folder above ``checkpoints/``), and a W&B run in the training run's group."""
+def eval_loggers(ckpt_path: str | Path, stage: str, wandb: str = "offline", project: str = "layerwise-recipes",
+                 eval_root: str | Path | None = None, fallback_root: str | Path = "runs") -> list:
+    """Loggers for ``validate``/``test`` of a checkpoint, in ``<folder>/eval/<stage>_N`` and a W&B run in the
+    training run's group. ``<folder>`` is the checkpoint's run folder (the one above ``checkpoints/``); with
+    ``eval_root``, or when that run folder cannot be written (a read-only copy of someone's run), it is
+    ``<eval_root or fallback_root>/<run name>/<version>`` instead."""
     _check_mode(wandb)
     ckpt_path = Path(ckpt_path)
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    run_dir = run_dir.resolve() if run_dir.is_symlink() else run_dir  # runs/sft/latest: the version it names
     group = f"{run_dir.parent.name}/{run_dir.name}"
+    folder = run_dir
+    if eval_root is not None or not os.access(run_dir, os.W_OK):
+        folder = Path(eval_root if eval_root is not None else fallback_root) / run_dir.parent.name / run_dir.name
     if _rank() != 0:
-        return _with_wandb(CSVLogger(save_dir=str(run_dir), name="eval", version=stage), group, wandb, project,
+        return _with_wandb(CSVLogger(save_dir=str(folder), name="eval", version=stage), group, wandb, project,
                            job_type=stage)
-    eval_dir = claim_run_dir(run_dir / "eval", prefix=f"{stage}_")
-    csv_logger = CSVLogger(save_dir=str(run_dir), name="eval", version=eval_dir.name)
+    eval_dir = claim_run_dir(folder / "eval", prefix=f"{stage}_")
+    csv_logger = CSVLogger(save_dir=str(folder), name="eval", version=eval_dir.name)
     return _with_wandb(csv_logger, group, wandb, project, job_type=stage, run_name=f"{group}/eval/{eval_dir.name}")
 
 
@@ -153,15 +176,34 @@ def remove_unused_run_dir(run_dir: str | Path, loggers: list[Logger]) -> None:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish(exit_code=1)
     shutil.rmtree(run_dir, ignore_errors=True)
+    link = Path(run_dir).parent / "latest"
+    if link.is_symlink() and not link.exists():  # it named the removed folder: the newest one left, or none
+        left = sorted((p for p in link.parent.glob("version_*") if p.name[8:].isdigit()), key=lambda p: int(p.name[8:]))
+        link.unlink()
+        if left:
+            point_latest(left[-1])
 
 
 class _WandbLogger(WandbLogger):
-    """``WandbLogger`` minus the ``anonymous`` setting: Lightning always passes it and recent W&B releases warn that
-    it has no effect."""
+    """``WandbLogger`` minus the ``anonymous`` setting (Lightning always passes it and recent W&B releases warn that
+    it has no effect), and, offline, continuing the history steps of the offline runs already in its folder: a
+    resumed run's ``_step`` goes on from where the interrupted one stopped instead of restarting at 0 (online,
+    W&B's server does that)."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         getattr(self, "_wandb_init", {}).pop("anonymous", None)
+        offline = kwargs.get("offline") or os.environ.get("WANDB_MODE") == "offline"
+        self._continue_after = last_step(kwargs["save_dir"]) if offline and _rank() == 0 else None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        run = WandbLogger.experiment.fget(self)
+        if self._continue_after is not None:
+            start, self._continue_after = self._continue_after + 1, None
+            run.log({}, step=start, commit=False)  # the next row is step `start`
+        return run
 
 
 def check_log_dir(root: str | Path, min_free_mb: int = 100) -> None:
