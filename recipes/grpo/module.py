@@ -2,8 +2,9 @@
 
 One training step = one rollout batch: G completions per prompt from a single batched ``generate`` (KV cache),
 rewards, group-normalized advantages, the rollout policy's log-probs cached, then ``mu`` passes over
-``num_mini_batches`` mini-batches, one optimizer step each (manual optimization). ``trainer.max_steps`` counts
-optimizer steps, i.e. ``mu * num_mini_batches`` per rollout batch.
+``num_mini_batches`` mini-batches, one optimizer step each (manual optimization). ``trainer.max_steps`` and the
+checkpoint names count optimizer steps, exactly ``mu * num_mini_batches`` per rollout batch; the logged metrics'
+``step`` counts rollout batches (one row each).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from callbacks.core.policy_tokens import PolicyTokens
@@ -133,6 +135,10 @@ class GRPOModule(L.LightningModule):
         self.loss_terms: dict[str, LossTerm] = {}
         self._answer_mask_terms: set[str] = set()
         self._reference: list[torch.nn.Module] = []  # a list keeps the frozen copy out of state_dict and optimizer
+        self._saved_reference: dict[str, torch.Tensor] | None = None  # the reference restored from a checkpoint
+        # (model_path, model_config) the policy is built from: the given ones, or the sft_checkpoint's. Kept out of
+        # the hyper-parameters, which stay the settings the user gave (the resume rule compares against them).
+        self.architecture: tuple[str | None, dict | None] = (model_path, model_config)
         self._warmup_done = False  # saved as the checkpoint's ``grpo_sft_done``: the warm-up runs once per run
         self._verifier: RewardFn | None = None
         self._sft_data_hparams: dict | None = None  # what the sft_checkpoint was trained on
@@ -158,18 +164,18 @@ class GRPOModule(L.LightningModule):
     def start_from_sft(self) -> None:
         """Start from ``sft_checkpoint``, the one place that reads it: take its architecture (unless ``model_path`` or
         ``model_config`` gives one), build the policy with its weights, and record the data settings it was trained
-        on (checked against the verifier at fit start). The architecture goes into this module's hyper-parameters,
-        so its own checkpoints never need the SFT file; restoring one overwrites these weights."""
+        on (checked against the verifier at fit start). The architecture is saved in this module's checkpoints
+        (``grpo_architecture``), so they never need the SFT file; restoring one overwrites these weights."""
         hp = self.hparams
         ckpt = read_sft_checkpoint(hp.sft_checkpoint)
         if hp.model_path is None and hp.model_config is None:
-            hp.model_path, hp.model_config = sft_architecture(ckpt)
+            self.architecture = sft_architecture(ckpt)
         self.model = self._build_policy()
         load_sft_weights(self.model, ckpt, hp.sft_checkpoint)
         self._sft_data_hparams = sft_data_settings(ckpt)
 
     def _build_policy(self) -> torch.nn.Module:
-        return build_causal_lm(self.hparams.model_path, self.hparams.model_config, module_tokenizer(self))
+        return build_causal_lm(*self.architecture, module_tokenizer(self))
 
     def register_loss_term(self, name: str, fn: LossTerm, needs_answer_mask: bool = False) -> None:
         """Add ``fn(PolicyTokens) -> loss`` (or ``(loss, {metric: value})``) to every mini-batch's loss.
@@ -182,20 +188,27 @@ class GRPOModule(L.LightningModule):
             self._answer_mask_terms.add(name)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save what continuing needs beyond the weights: the warm-up flag, the architecture the policy was built
+        from and the frozen KL reference (the policy as it was at the run's start, not the resumed one)."""
         checkpoint["grpo_sft_done"] = self._warmup_done
+        checkpoint["grpo_architecture"] = {"model_path": self.architecture[0], "model_config": self.architecture[1]}
+        if self._reference:
+            checkpoint["grpo_reference"] = self._reference[0].state_dict()
         record_module_class(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the warm-up flag; without a policy yet (``load_from_checkpoint``, or ``sft_checkpoint`` gone) build
-        it from the checkpoint's own hyper-parameters: its weights follow from the checkpoint."""
+        """Restore the warm-up flag and keep the saved KL reference for :meth:`on_fit_start`; without a policy yet
+        (``load_from_checkpoint``, or ``sft_checkpoint`` gone) build it from the checkpoint's architecture: its
+        weights follow from the checkpoint."""
         self._warmup_done = checkpoint.get("grpo_sft_done", False)
+        self._saved_reference = checkpoint.get("grpo_reference")
         if self.model is not None:
             return
         if self.tokenizer is None and self._trainer is None:  # load_from_checkpoint
             self.tokenizer = load_tokenizer(checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer", "char"))
-        saved = checkpoint.get("hyper_parameters", {})
-        self.hparams.model_config = self.hparams.model_config or saved.get("model_config")
-        self.hparams.model_path = self.hparams.model_path or saved.get("model_path")
+        saved = checkpoint.get("grpo_architecture") or checkpoint.get("hyper_parameters", {})
+        if self.architecture == (None, None):
+            self.architecture = (saved.get("model_path"), saved.get("model_config"))
         self.model = self._build_policy()
 
     def on_fit_start(self) -> None:
@@ -207,10 +220,23 @@ class GRPOModule(L.LightningModule):
             sft_warmup(self.model, data.sft_dataloader(), hp.sft_steps, hp.sft_lr, self.device)
         self._warmup_done = True
         if hp.kl_coef > 0 and not self._reference:
-            self._reference.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+            self._reference.append(self._initial_policy())
         self._verifier = data.reward_fn()
         if hp.sft_checkpoint and self.reward_funcs is None:
             check_sft_fits_verifier(self._sft_data_hparams, self._verifier, hp.sft_checkpoint)
+
+    def _initial_policy(self) -> torch.nn.Module:
+        """The frozen KL reference: the policy as it is now at a run's start (after the warm-up), or, on resume, the
+        one saved in the checkpoint. A resumed checkpoint without one (saved with ``kl_coef: 0``) takes the
+        resumed policy, and says so."""
+        reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self._saved_reference is not None:
+            reference.load_state_dict(self._saved_reference)
+            self._saved_reference = None
+        elif self.trainer.ckpt_path:
+            rank_zero_info(f"GRPO: the checkpoint holds no KL reference (it was saved with kl_coef 0); the reference "
+                           f"is the resumed policy of step {self.global_step}")
+        return reference
 
     # ------------------------------------------------------------------------------------------ rollouts
     @torch.no_grad()
@@ -310,12 +336,17 @@ class GRPOModule(L.LightningModule):
         return forward
 
     def mini_batches(self, n: int) -> Iterator[torch.Tensor]:
-        """Completion indices of each optimizer step: ``mu`` shuffled passes of ``num_mini_batches`` chunks."""
+        """Completion indices of each optimizer step: ``mu`` shuffled passes of exactly ``num_mini_batches``
+        mini-batches (sizes differ by at most one when ``num_mini_batches`` does not divide ``n``), so a rollout
+        batch always makes ``mu * num_mini_batches`` optimizer steps."""
         hp = self.hparams
+        if n < hp.num_mini_batches:
+            raise ValueError(f"a rollout batch of {n} completions cannot make num_mini_batches={hp.num_mini_batches} "
+                             "mini-batches; lower model.num_mini_batches or raise data.batch_size * num_generations")
         generator = torch.Generator().manual_seed(int(self.global_step) + 1_000_003 * int(self.current_epoch))
         for _ in range(hp.mu):
             order = torch.randperm(n, generator=generator) if hp.num_mini_batches > 1 else torch.arange(n)
-            yield from order.chunk(hp.num_mini_batches)
+            yield from order.tensor_split(hp.num_mini_batches)
 
     def mini_batch_loss(self, rollout: Rollout, idx: torch.Tensor, stats: dict[str, list[torch.Tensor]],
                         forward: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
