@@ -43,7 +43,9 @@ def slurm_job_id() -> str | None:
 
 class PreemptionCheckpoint(Callback):
     """On SIGTERM, SIGUSR1 or SIGINT, finish the current training step, save ``<checkpoint folder>/last.ckpt`` and
-    raise :class:`Preempted` on every rank (the run exits with ``128 + signal``).
+    raise :class:`Preempted` on every rank (the run exits with ``128 + signal``). With gradient accumulation the
+    current window is finished first (at most ``accumulate_grad_batches - 1`` more batches): a checkpoint holds no
+    partial gradients, so the resumed run is exactly the uninterrupted one.
 
     The handlers replace Lightning's own from ``on_train_start`` on (Lightning's SIGTERM handling exits with status
     0 without saving; under SLURM its SIGUSR1 handler saves from inside the signal handler, in the middle of a
@@ -69,6 +71,7 @@ class PreemptionCheckpoint(Callback):
         self.filename = filename
         self.requeue = requeue
         self.received: int | None = None
+        self._step_at_batch_start = 0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -94,8 +97,15 @@ class PreemptionCheckpoint(Callback):
             self._install()
 
     @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if trainer.global_step == self._step_at_batch_start:  # inside an accumulation window: stop at its end
+            return
         local = self.received is not None
         stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
         if not stop:
