@@ -34,7 +34,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Saves ``config.yaml`` into the run's own directory and sends the same config to W&B."""
+    """Saves ``config.yaml`` into the run's own directory, sends the same config to W&B, and keeps it in every
+    checkpoint (its callback state), where the resume rule (:mod:`recipes.resume_rule`) compares it."""
+
+    def state_dict(self) -> dict[str, str]:
+        return {"config": self.parser.dump(self.config, skip_none=False)}
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
@@ -102,6 +106,8 @@ class RecipesCLI(LightningCLI):
             self.config[sub]["ckpt_path"] = self.resume_plan.path
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
+            if self.resume_plan.path:  # the data modules' samplers resume mid-epoch (datamodules.resumable_sampler)
+                warnings.filterwarnings("ignore", r"You're resuming from a checkpoint that ended before the epoch")
             if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints
                 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
 
