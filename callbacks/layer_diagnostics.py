@@ -129,6 +129,11 @@ class LayerDiagnostics(Callback):
             handle.remove()
         self._handles = []
 
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed fit gets no ``teardown`` from Lightning: remove the hooks here, so none stays on the model."""
+        self.teardown(trainer, pl_module, "fit")
+
     # -------------------------------------------------------------------------------------------- training
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:

@@ -106,3 +106,19 @@ def test_interrupted_run_continues_exactly(tmp_path, tmp_path_factory, monkeypat
     assert saved["global_step"] == CUT and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
         "processed"] == CUT * acc  # a whole number of windows
     _assert_same(full, _fit(tmp_path / "resumed", STEPS, acc, precision, ckpt_path=last))
+
+
+def test_a_failed_fit_leaves_nothing_on_the_model(tmp_path):
+    """Lightning calls no ``teardown``/``on_fit_end`` when a fit raises: the callbacks that change the model undo
+    it in ``on_exception``, so a retry, a sweep or the next notebook cell trains the plain model."""
+    from callbacks import LayerDiagnostics, ProgressiveLayerDrop
+    from tests.conftest import TinyModule, tiny_loader, trainer
+
+    module = TinyModule(layers=4)
+    callbacks = [LISA(n_layers=1, interval=2), ProgressiveLayerDrop(theta_bar=0.5, gamma=1.0),
+                 LayerDiagnostics(interval=1, heatmaps=False), Interrupt(0, "none", crash_at=2)]
+    with pytest.raises(SystemError, match="simulated crash"):
+        trainer(callbacks, 4, tmp_path).fit(module, tiny_loader(batches=4))
+    assert [n for n, p in module.named_parameters() if not p.requires_grad] == []  # LISA's frozen blocks
+    assert [n for n, m in module.named_modules() if "forward" in m.__dict__] == []  # layer-drop wrappers
+    assert [n for n, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks] == []  # diagnostics
