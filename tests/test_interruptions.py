@@ -1,5 +1,6 @@
 """The interruption contract, as a small matrix: a run interrupted by a signal in the middle of an accumulation
-window, by a crash after a time-triggered save, or stopped at ``max_steps`` and continued, ends with the same
+window or during validation, by a crash after a time-triggered save, or stopped at ``max_steps`` and continued,
+ends with the same
 weights, optimizer state and technique choices (LISA's blocks) as the uninterrupted run, bitwise on the CPU, for
 ``accumulate_grad_batches`` 1 and 2 and ``32-true`` / ``bf16-true``."""
 
@@ -40,6 +41,11 @@ class Interrupt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
         self.seen += 1
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.how == "signal_in_validation" and batch_idx == 0:
+            self.validation_signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
 
 def _fit(root, max_steps, acc, precision, ckpt_path=None, interrupt=None, every_n_minutes=None):
     L.seed_everything(3)
@@ -52,8 +58,8 @@ def _fit(root, max_steps, acc, precision, ckpt_path=None, interrupt=None, every_
     callbacks = ([interrupt] if interrupt else []) + [ExactResume(), lisa, periodic, PreemptionCheckpoint()]
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                        accumulate_grad_batches=acc, precision=precision, limit_val_batches=0,
-                        num_sanity_val_steps=0, default_root_dir=root)
+                        accumulate_grad_batches=acc, precision=precision, limit_val_batches=2,
+                        val_check_interval=CUT * acc, num_sanity_val_steps=0, default_root_dir=root)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return {"weights": {k: v.clone() for k, v in module.state_dict().items()},
             "optimizer": trainer.optimizers[0].state_dict()["state"], "lisa": lisa.state_dict(),
@@ -84,7 +90,8 @@ def _full(tmp_path_factory, acc, precision):
 @pytest.mark.parametrize("acc,precision,kind", [
     (1, "32-true", "end_of_fit"), (2, "bf16-true", "end_of_fit"),
     (2, "32-true", "signal_mid_window"), (2, "bf16-true", "signal_mid_window"),
-    (2, "32-true", "periodic_then_crash"),
+    (2, "32-true", "periodic_then_crash"), (1, "32-true", "signal_in_validation"),
+    (2, "bf16-true", "signal_in_validation"),
 ])
 def test_interrupted_run_continues_exactly(tmp_path, tmp_path_factory, monkeypatch, acc, precision, kind):
     full = _full(tmp_path_factory, acc, precision)
@@ -95,6 +102,11 @@ def test_interrupted_run_continues_exactly(tmp_path, tmp_path_factory, monkeypat
     elif kind == "signal_mid_window":  # SIGTERM after the window's first micro-batch: the window is finished first
         with pytest.raises(Preempted):
             _fit(root, STEPS, acc, precision, interrupt=Interrupt(window, "signal"))
+    elif kind == "signal_in_validation":  # validation after step CUT stops after its first batch
+        stop = Interrupt(0, "signal_in_validation")
+        with pytest.raises(Preempted):
+            _fit(root, STEPS, acc, precision, interrupt=stop)
+        assert stop.validation_signalled
     else:  # the save interval passes in the middle of a window, then the process dies in the next window
         clock = [0.0]
         monkeypatch.setattr("callbacks.run.periodic_checkpoint.monotonic", lambda: clock[0])
