@@ -91,3 +91,46 @@ def test_a_rollout_batch_makes_mu_times_num_mini_batches_steps_covering_every_co
 def test_fewer_completions_than_mini_batches_is_refused_naming_the_settings():
     with pytest.raises(ValueError, match="num_mini_batches=4.*batch_size \\* num_generations"):
         list(grpo_module(num_mini_batches=4).mini_batches(3))
+
+
+class Rollouts(L.Callback):
+    """The completions of every rollout batch (GRPO's technique choice)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_fit_start(self, trainer, pl_module):
+        real = pl_module.rollout
+
+        def rollout(batch):
+            out = real(batch)
+            self.rows.append(out.completion.tolist())
+            return out
+
+        pl_module.rollout = rollout
+
+
+def _grpo_fit(root, steps, ckpt_path=None):
+    from callbacks.run.exact_resume import ExactResume
+    from callbacks.run.periodic_checkpoint import PeriodicLastCheckpoint
+
+    L.seed_everything(5)
+    module = grpo_module(kl_coef=0.1, mu=2, num_mini_batches=2, temperature=2.0,
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    rollouts = Rollouts()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=root, callbacks=[ExactResume(), PeriodicLastCheckpoint(), rollouts])
+    trainer.fit(module, datamodule=grpo_data(root.parent), ckpt_path=ckpt_path)
+    return module, rollouts.rows, root / "checkpoints" / "last.ckpt"
+
+
+def test_a_finished_grpo_run_continues_exactly_rollouts_reference_and_weights(tmp_path):
+    full, full_rows, _ = _grpo_fit(tmp_path / "full", 8)  # 2 rollout batches of mu * num_mini_batches = 4 steps
+    _, first_rows, last = _grpo_fit(tmp_path / "cut", 4)
+    resumed, resumed_rows, _ = _grpo_fit(tmp_path / "resumed", 8, ckpt_path=last)
+    assert first_rows + resumed_rows == full_rows
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    for name, value in full._reference[0].state_dict().items():
+        assert torch.equal(resumed._reference[0].state_dict()[name], value), name
