@@ -9,14 +9,12 @@ checkpoint names count optimizer steps, exactly ``mu * num_mini_batches`` per ro
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from callbacks.core.policy_tokens import PolicyTokens
@@ -34,7 +32,8 @@ from recipes.grpo.loss import (
     group_advantages,
     k3_kl,
 )
-from recipes.grpo.rollout import Rollout, rollout_metrics, sample_completions, score_completions
+from recipes.grpo.reference import frozen_reference
+from recipes.grpo.rollout import Rollout, mini_batch_indices, rollout_metrics, sample_completions, score_completions
 from recipes.grpo.sft_start import load_sft_weights, read_sft_checkpoint, sft_architecture, sft_data_settings
 from recipes.grpo.sft_warmup import sft_warmup
 from recipes.parts.hf_model import build_causal_lm, module_tokenizer
@@ -136,8 +135,7 @@ class GRPOModule(L.LightningModule):
         self._answer_mask_terms: set[str] = set()
         self._reference: list[torch.nn.Module] = []  # a list keeps the frozen copy out of state_dict and optimizer
         self._saved_reference: dict[str, torch.Tensor] | None = None  # the reference restored from a checkpoint
-        # (model_path, model_config) the policy is built from: the given ones, or the sft_checkpoint's. Kept out of
-        # the hyper-parameters, which stay the settings the user gave (the resume rule compares against them).
+        # what the policy is built from (given, or the sft_checkpoint's): the hparams stay what the user gave
         self.architecture: tuple[str | None, dict | None] = (model_path, model_config)
         self._warmup_done = False  # saved as the checkpoint's ``grpo_sft_done``: the warm-up runs once per run
         self._verifier: RewardFn | None = None
@@ -188,8 +186,7 @@ class GRPOModule(L.LightningModule):
             self._answer_mask_terms.add(name)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save what continuing needs beyond the weights: the warm-up flag, the architecture the policy was built
-        from and the frozen KL reference (the policy as it was at the run's start, not the resumed one)."""
+        """Save what continuing needs beyond the weights: the warm-up flag, the architecture, the KL reference."""
         checkpoint["grpo_sft_done"] = self._warmup_done
         checkpoint["grpo_architecture"] = {"model_path": self.architecture[0], "model_config": self.architecture[1]}
         if self._reference:
@@ -197,9 +194,8 @@ class GRPOModule(L.LightningModule):
         record_module_class(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the warm-up flag and keep the saved KL reference for :meth:`on_fit_start`; without a policy yet
-        (``load_from_checkpoint``, or ``sft_checkpoint`` gone) build it from the checkpoint's architecture: its
-        weights follow from the checkpoint."""
+        """Restore the warm-up flag and the KL reference; without a policy yet (``load_from_checkpoint``, or
+        ``sft_checkpoint`` gone) build it from the checkpoint's architecture: its weights follow from it."""
         self._warmup_done = checkpoint.get("grpo_sft_done", False)
         self._saved_reference = checkpoint.get("grpo_reference")
         if self.model is not None:
@@ -226,17 +222,9 @@ class GRPOModule(L.LightningModule):
             check_sft_fits_verifier(self._sft_data_hparams, self._verifier, hp.sft_checkpoint)
 
     def _initial_policy(self) -> torch.nn.Module:
-        """The frozen KL reference: the policy as it is now at a run's start (after the warm-up), or, on resume, the
-        one saved in the checkpoint. A resumed checkpoint without one (saved with ``kl_coef: 0``) takes the
-        resumed policy, and says so."""
-        reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if self._saved_reference is not None:
-            reference.load_state_dict(self._saved_reference)
-            self._saved_reference = None
-        elif self.trainer.ckpt_path:
-            rank_zero_info(f"GRPO: the checkpoint holds no KL reference (it was saved with kl_coef 0); the reference "
-                           f"is the resumed policy of step {self.global_step}")
-        return reference
+        """The frozen KL reference: the policy now (a run's start, after the warm-up), or the checkpoint's."""
+        saved, self._saved_reference = self._saved_reference, None
+        return frozen_reference(self.model, saved, self.global_step if self.trainer.ckpt_path else None)
 
     # ------------------------------------------------------------------------------------------ rollouts
     @torch.no_grad()
@@ -336,17 +324,10 @@ class GRPOModule(L.LightningModule):
         return forward
 
     def mini_batches(self, n: int) -> Iterator[torch.Tensor]:
-        """Completion indices of each optimizer step: ``mu`` shuffled passes of exactly ``num_mini_batches``
-        mini-batches (sizes differ by at most one when ``num_mini_batches`` does not divide ``n``), so a rollout
-        batch always makes ``mu * num_mini_batches`` optimizer steps."""
+        """Completion indices of each optimizer step: ``mu`` shuffled passes of exactly ``num_mini_batches``."""
         hp = self.hparams
-        if n < hp.num_mini_batches:
-            raise ValueError(f"a rollout batch of {n} completions cannot make num_mini_batches={hp.num_mini_batches} "
-                             "mini-batches; lower model.num_mini_batches or raise data.batch_size * num_generations")
-        generator = torch.Generator().manual_seed(int(self.global_step) + 1_000_003 * int(self.current_epoch))
-        for _ in range(hp.mu):
-            order = torch.randperm(n, generator=generator) if hp.num_mini_batches > 1 else torch.arange(n)
-            yield from order.tensor_split(hp.num_mini_batches)
+        seed = int(self.global_step) + 1_000_003 * int(self.current_epoch)
+        return mini_batch_indices(n, hp.mu, hp.num_mini_batches, seed)
 
     def mini_batch_loss(self, rollout: Rollout, idx: torch.Tensor, stats: dict[str, list[torch.Tensor]],
                         forward: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
