@@ -19,6 +19,7 @@ blocks.
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from typing_extensions import override
 
@@ -93,6 +94,14 @@ class BAdam(BlockSwitching):
         block = self.pass_order[self.position]
         self.position += 1
         return [block]
+
+    @override
+    def switch(self, trainer: L.Trainer, new_active: list[int]) -> None:
+        """A block drawn again right after its own visit (across a pass boundary of the random order, or twice in
+        a listed order) starts a new visit: its moments are released too, as for every other visit."""
+        for index in set(self.active) & set(new_active):
+            self._set_block(trainer, index, False)
+        super().switch(trainer, new_active)
 
     @override
     def state_dict(self) -> dict:

@@ -183,8 +183,11 @@ class LayerDiagnostics(Callback):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed or interrupted fit: draw the heatmaps measured so far, then remove the hooks (Lightning calls no
+        ``teardown`` after an exception), so none stays on the model."""
         if self.heatmaps and self.steps and self._folder is not None:  # the folder of the last measurement
             self.draw(trainer, self._folder)
+        self.teardown(trainer, pl_module, "fit")
 
     # ----------------------------------------------------------------------------------------- measurement
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, grad: list[float] | None,

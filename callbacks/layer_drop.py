@@ -188,6 +188,12 @@ class ProgressiveLayerDrop(L.Callback):
         self.remove()
 
     @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed fit gets no ``teardown`` from Lightning: unwrap the blocks here, so the next fit (a retry, a
+        sweep, a notebook cell) trains the plain model."""
+        self.remove()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "generator": self.generator.get_state()}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable, Iterator, Sized
 from contextlib import contextmanager
 
@@ -57,11 +58,16 @@ def seeded_rng(seed: int):
             np.random.set_state(np_state)
 
 
+_SEEDED = threading.Lock()  # the generators are process-wide: one seeded transform at a time
+
+
 def apply_seeded(transform: Callable, value, seed: int | None):
-    """``transform(value)``, drawn from ``seed`` when one is given (see ``ResumableSampler(with_seeds=True)``)."""
+    """``transform(value)``, drawn from ``seed`` when one is given (see ``ResumableSampler(with_seeds=True)``).
+    Seeded transforms run one at a time, so loading from several threads gives the same images as loading in
+    order (the generators they draw from are process-wide)."""
     if seed is None:
         return transform(value)
-    with seeded_rng(seed):
+    with _SEEDED, seeded_rng(seed):
         return transform(value)
 
 

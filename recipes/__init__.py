@@ -9,6 +9,7 @@
 - ``commands``: ``demo``, ``export``, ``restore``, ``diversity``.
 - ``checkpoints``: the one reader of our Lightning checkpoints.
 - ``resume``: which checkpoint ``--ckpt_path last|auto`` takes and which settings must match.
+- ``resume_rule``: the resume rule for the run around the model (trainer, seed, callbacks: the training method).
 - ``parts``: building blocks the modules share.
 - ``configs/``: one YAML per recipe (``python -m recipes list``).
 

@@ -40,7 +40,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class RunConfigSaver(SaveConfigCallback):
     """Saves ``config.yaml`` into the run's own directory and sends the same config to W&B, with each callback's
     settings also under ``callbacks.<name>`` (:func:`callback_settings`), so runs filter by ``callbacks.lisa.n_layers``
-    (inside the ``trainer.callbacks`` list they cannot)."""
+    (inside the ``trainer.callbacks`` list they cannot). It also keeps the config in every checkpoint (its callback
+    state), where the resume rule (:mod:`recipes.resume_rule`) compares it."""
+
+    def state_dict(self) -> dict[str, str]:
+        return {"config": self.parser.dump(self.config, skip_none=False)}
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
@@ -140,6 +144,8 @@ class RecipesCLI(LightningCLI):
                 self.config[sub]["weights_only"] = False
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
+            if self.resume_plan.path:  # the data modules' samplers resume mid-epoch (datamodules.resumable_sampler)
+                warnings.filterwarnings("ignore", r"You're resuming from a checkpoint that ended before the epoch")
             if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints
                 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
 

@@ -7,9 +7,11 @@ and skipped.
 Resume rule: settings that define the model or the recipe must equal the checkpoint's, or the run stops naming
 each differing key with both values. They are the module and data classes and the settings each class declares in
 its ``defining_settings`` attribute (the architecture and sizes, the tokenizer); a class that declares none is
-defined by its class alone. Every other setting (memory and speed switches such as ``gradient_checkpointing``, the
-schedule, ``max_steps``, logging) takes the value given now; the ones that differ from the checkpoint are listed in
-one message.
+defined by its class alone; and, for ``fit``, the training method (the method callbacks: LISA, OwLore, BAdam,
+layer drop, LLDS; see :mod:`recipes.resume_rule`). Every other setting (memory and speed switches such as
+``gradient_checkpointing``, the schedule, every trainer setting such as ``max_steps`` or
+``accumulate_grad_batches``, ``seed_everything``, a method callback's settings, the other callbacks) takes the
+value given now; the ones that differ from the checkpoint are listed in one message.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.checkpoints import CheckpointError, import_class, load_checkpoint
+from recipes.resume_rule import compare_run
 
 _PRIVATE = ("_instantiator", "_class_path")
 
@@ -132,14 +135,21 @@ def compare(saved: dict[str, Any], given: dict[str, Any], part: str) -> tuple[li
     return defining, changeable
 
 
-def check_resume(ckpt: dict[str, Any], path: str, model: dict[str, Any], data: dict[str, Any] | None) -> list[str]:
-    """Apply the resume rule. ``model`` / ``data``: the CLI's ``{"class_path", "init_args"}`` as plain dicts.
-    Raises :class:`CheckpointError` on defining differences; returns the message for changed settings."""
+def check_resume(ckpt: dict[str, Any], path: str, model: dict[str, Any], data: dict[str, Any] | None,
+                 run: dict[str, Any] | None = None) -> list[str]:
+    """Apply the resume rule. ``model`` / ``data``: the CLI's ``{"class_path", "init_args"}`` as plain dicts;
+    ``run``: for ``fit``, the rest of the new configuration (``trainer`` with its callbacks, ``seed_everything``,
+    ``optimizer``, ``lr_scheduler``), compared by :func:`recipes.resume_rule.compare_run`. Raises
+    :class:`CheckpointError` on defining differences; returns the message for changed settings."""
     defining, changeable = compare(_settings(ckpt.get("hyper_parameters") or {}),
                                    _settings(model["class_path"], model.get("init_args") or {}), "model")
     if data is not None and ckpt.get("datamodule_hyper_parameters"):
         d, c = compare(_settings(ckpt["datamodule_hyper_parameters"]),
                        _settings(data["class_path"], data.get("init_args") or {}), "data")
+        defining += d
+        changeable += c
+    if run is not None:
+        d, c = compare_run(ckpt, run)
         defining += d
         changeable += c
     if defining:
@@ -167,7 +177,10 @@ def plan(config: Any, subcommand: str, run_name: str) -> ResumePlan:
         if subcommand != "fit":  # evaluation restores the weights: where training started from does not matter
             model["init_args"] = {k: v for k, v in (model.get("init_args") or {}).items()
                                   if k not in ("init_from", "sft_checkpoint")}
-        result.notes += check_resume(ckpt, result.path, model, data)
+        result.notes += check_resume(ckpt, result.path, model, data,
+                                     {k: _plain(config[k]) if hasattr(config[k], "as_dict") else config[k]
+                                      for k in ("trainer", "seed_everything", "optimizer", "lr_scheduler")
+                                      if k in config} if subcommand == "fit" else None)
     if subcommand != "fit":
         result.version = None
     return result

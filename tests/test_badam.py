@@ -101,3 +101,12 @@ def test_argument_checks(tmp_path):
         BAdam(interval=0)
     with pytest.raises(ValueError, match="order lists block 4 but the model has only 4 blocks"):
         trainer([BAdam(order=[0, 4])], 1, tmp_path).fit(TinyModule(), tiny_loader(batches=1))
+
+
+def test_a_block_drawn_again_across_a_pass_boundary_starts_with_fresh_moments(tmp_path):
+    badam = BAdam(interval=1, order="random", seed=0)
+    probe = StepProbe(badam)
+    trainer([badam, probe], 8, tmp_path).fit(TinyModule(layers=2), tiny_loader(batches=8))
+    visits = [r["active"][0] for r in probe.rows]
+    assert any(a == b for a, b in zip(visits[:-1], visits[1:], strict=True)), visits  # the same block twice in a row
+    assert [r["adam_step"] for r in probe.rows] == [1] * 8  # one step per visit, each from zero moments

@@ -84,3 +84,26 @@ def test_argument_checks():
         GaLoreAdamW([torch.nn.Parameter(torch.zeros(2, 2))], rank=0)
     with pytest.raises(ValueError, match="update_proj_gap"):
         GaLoreAdamW([torch.nn.Parameter(torch.zeros(2, 2))], update_proj_gap=0)
+
+
+def test_bf16_weights_resume_with_their_float32_projector_and_moments():
+    torch.manual_seed(0)
+    grads = [torch.randn(6, 4).bfloat16() for _ in range(4)]
+
+    def run(steps, weight, state=None):
+        opt = GaLoreAdamW([weight], lr=1e-2, rank=2, update_proj_gap=2, project_all_matrices=True)
+        if state is not None:
+            opt.load_state_dict(state)
+        for g in steps:
+            weight.grad = g.clone()
+            opt.step()
+        return opt
+
+    full = torch.nn.Parameter(torch.ones(6, 4, dtype=torch.bfloat16))
+    run(grads, full)
+    cut = torch.nn.Parameter(torch.ones(6, 4, dtype=torch.bfloat16))
+    saved = run(grads[:2], cut).state_dict()
+    resumed = torch.nn.Parameter(cut.detach().clone())
+    opt = run(grads[2:], resumed, state=saved)  # before: torch's loader cast them to bf16, and the step failed
+    assert {v.dtype for k, v in opt.state[resumed].items() if k != "step"} == {torch.float32}
+    assert torch.equal(resumed, full)

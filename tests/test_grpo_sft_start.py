@@ -49,7 +49,7 @@ def test_fit_starts_from_the_sft_weights_and_resumes_without_the_file(tmp_path, 
     m = _grpo(sft_path, sft_steps=1, sft_lr=0.0)
     trainer = _trainer(tmp_path, 1, callbacks=[seen])
     trainer.fit(m, datamodule=data(tmp_path))
-    assert m.hparams.model_config == TINY  # the architecture came from the SFT checkpoint
+    assert m.architecture[1] == TINY and m.hparams.model_config is None  # the SFT file's, the settings untouched
     for name, value in sft_state.items():  # the SFT weights are in place before any callback's fit start
         assert torch.equal(seen.state[name], value), name
     assert m._sft_data_hparams["synthetic_format"] == "gsm8k" and warmups == [1]

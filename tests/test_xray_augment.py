@@ -101,3 +101,21 @@ def test_resume_with_workers_matches_uninterrupted_run(tmp_path):
     resumed = _fit(tmp_path / "resumed", tmp_path / "data", 6, ckpt_path=tmp_path / "cut/ckpt/epoch=0-step=3.ckpt")
     for name, value in full.items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_seeded_augmentation_from_threads_equals_loading_in_order():
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    def transform(_):
+        first = torch.rand(1).item()
+        time.sleep(0.001)  # let another thread run in between
+        return first, random.random(), float(np.random.rand())
+
+    in_order = [apply_seeded(transform, None, seed) for seed in range(32)]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda seed: apply_seeded(transform, None, seed), range(32)))
+    assert threaded == in_order

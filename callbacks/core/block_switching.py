@@ -156,6 +156,11 @@ class BlockSwitching(Callback):
         for param in self._frozen_parts + [p for block in self._block_params for p in block]:
             param.requires_grad_(True)
 
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed fit ends without ``on_fit_end``: unfreeze here too, so a retry trains the whole model."""
+        self.on_fit_end(trainer, pl_module)
+
     # ------------------------------------------------------------------------------------------- switching
     @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:

@@ -83,6 +83,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if project_all_matrices:
             self.set_projected(p for g in self.param_groups for p in g["params"])
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load as torch does, but keep each state tensor's own dtype (torch casts them to the parameter's): a
+        projected weight's projector and moments are float32 also when the weight is bf16 (``bf16-true``), and a
+        resumed run continues with them exactly as they were saved."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for param_id, param in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(param_id, {}).items():
+                if isinstance(value, torch.Tensor) and key != "step" and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
     def set_projected(self, params: Iterable[nn.Parameter]) -> None:
         """Project exactly the 2-D parameters among ``params`` (others get plain AdamW)."""
         self.projected = {id(p) for p in params if p.ndim == 2}

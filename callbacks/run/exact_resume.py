@@ -21,13 +21,38 @@ class ExactResume(Callback):
 
     def __init__(self) -> None:
         self._pending_rng: dict[str, Any] | None = None
+        self._after_last_batch: dict[str, Any] | None = None  # the states when the last training batch ended
+        self._validating = False
 
-    def state_dict(self) -> dict[str, Any]:
+    @staticmethod
+    def _current() -> dict[str, Any]:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         # plain types only, so the checkpoint still loads with torch.load(weights_only=True)
         return {"torch": torch.get_rng_state(), "random": random.getstate(),
                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The random states now; during a fit's validation (a preemption save), those of the last training
+        batch's end, because the resumed run runs that validation again from its start."""
+        if self._validating and self._after_last_batch is not None:
+            return self._after_last_batch
+        return self._current()
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._after_last_batch = self._current()  # a few kB: what a save during the next validation records
+        self._validating = False
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validating = True
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating = False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_rng = state_dict  # applied when training restarts, after setup has drawn what it draws

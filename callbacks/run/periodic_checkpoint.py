@@ -17,6 +17,12 @@ class PeriodicLastCheckpoint(Callback):
     :class:`~callbacks.run.atomic_checkpoint.AtomicCheckpointIO`) after a training step when ``every_n_minutes``
     have passed or ``every_n_steps`` optimizer steps were taken since the last save, and once more when the fit ends.
 
+    Saves happen only where the state is whole: after a batch that took an optimizer step (with gradient
+    accumulation, the end of a window; the gradients of a partial window are in no checkpoint). The end-of-fit
+    save of a run stopped by ``max_steps`` is written after its last step, before Lightning closes the epoch, so
+    continuing it with a larger ``max_steps`` is exactly the longer run (a checkpoint written in ``on_train_end``
+    records the epoch as finished and the continuation would start the next epoch's data order).
+
     The time decision is taken by rank 0 and agreed by all ranks (one boolean all-reduce per step under DDP), so
     every rank enters the checkpoint save together.
 
@@ -39,6 +45,7 @@ class PeriodicLastCheckpoint(Callback):
         self.filename = filename
         self._last_time = monotonic()
         self._last_step = 0
+        self._step_at_batch_start = 0
         self.last_path: str | None = None
 
     @property
@@ -50,9 +57,18 @@ class PeriodicLastCheckpoint(Callback):
         self._last_time, self._last_step = monotonic(), trainer.global_step
 
     @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self.enabled or trainer.global_step == self._last_step or trainer.sanity_checking:
+        stepped = trainer.global_step != self._step_at_batch_start  # False inside an accumulation window
+        if not self.enabled or not stepped or trainer.global_step == self._last_step:
+            return
+        if 0 < trainer.max_steps <= trainer.global_step:  # the fit's last step: save before the epoch is closed
+            self.save(trainer)
             return
         due = self.every_n_steps > 0 and trainer.global_step - self._last_step >= self.every_n_steps
         if not due and self.every_n_seconds > 0:
@@ -63,7 +79,8 @@ class PeriodicLastCheckpoint(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A finished fit also leaves ``last.ckpt``, so ``--ckpt_path last`` and ``export`` find its final weights."""
+        """A fit stopped otherwise (``max_epochs``, ``max_time``, early stopping) also leaves ``last.ckpt``, so
+        ``--ckpt_path last`` and ``export`` find its final weights."""
         if self.enabled and trainer.global_step != self._last_step:
             self.save(trainer)
 

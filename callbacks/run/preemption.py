@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import signal
@@ -42,8 +43,11 @@ def slurm_job_id() -> str | None:
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM, SIGUSR1 or SIGINT, finish the current training step, save ``<checkpoint folder>/last.ckpt`` and
-    raise :class:`Preempted` on every rank (the run exits with ``128 + signal``).
+    """On SIGTERM, SIGUSR1 or SIGINT, finish the current training step (or validation batch), save
+    ``<checkpoint folder>/last.ckpt`` and raise :class:`Preempted` on every rank (the run exits with
+    ``128 + signal``). With gradient accumulation the
+    current window is finished first (at most ``accumulate_grad_batches - 1`` more batches): a checkpoint holds no
+    partial gradients, so the resumed run is exactly the uninterrupted one.
 
     The handlers replace Lightning's own from ``on_train_start`` on (Lightning's SIGTERM handling exits with status
     0 without saving; under SLURM its SIGUSR1 handler saves from inside the signal handler, in the middle of a
@@ -69,6 +73,9 @@ class PreemptionCheckpoint(Callback):
         self.filename = filename
         self.requeue = requeue
         self.received: int | None = None
+        self._step_at_batch_start = 0
+        self._window_closed = True  # the last training batch ended an accumulation window
+        self._loops_at_batch_end: dict[str, Any] | None = None  # Lightning's loop counters at that batch's end
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -94,8 +101,36 @@ class PreemptionCheckpoint(Callback):
             self._install()
 
     @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._window_closed = trainer.global_step != self._step_at_batch_start
+        self._loops_at_batch_end = copy.deepcopy(trainer.fit_loop.state_dict())  # progress counters: small
+        if self._window_closed:  # inside an accumulation window the stop waits for its end
+            self._stop_if_signalled(trainer)
+
+    @override
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        """A signal during a fit's validation stops it after the current batch: the training state is whole (the
+        last optimizer step is done), so it is saved (see :meth:`on_save_checkpoint`) and the run exits."""
+        if not trainer.sanity_checking and trainer.state.fn == "fit" and self._window_closed and self._previous:
+            self._stop_if_signalled(trainer)
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A save during validation records the loops as they were when the training batch ended, as a save at
+        that batch's end would (Lightning's own restart in the middle of a validation loses the data position);
+        the random states follow the same rule (``ExactResume``). The resumed run goes on training; the
+        interrupted validation is not repeated."""
+        if trainer.validating and trainer.state.fn == "fit" and self._loops_at_batch_end is not None:
+            checkpoint["loops"]["fit_loop"] = self._loops_at_batch_end
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
         local = self.received is not None
         stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
         if not stop:

@@ -70,7 +70,7 @@ def load_causal_lm(source: str, tokenizer: str | None = None, what: str = "--mod
                            "adapters) and pass the exported folder")
     tok = load_tokenizer(tokenizer or ckpt.get("datamodule_hyper_parameters", {}).get("tokenizer") or CHAR_TOKENIZER)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    model_path, model_config = _architecture(hp, source, what)
+    model_path, model_config = _architecture(ckpt.get("grpo_architecture") or hp, source, what)
     stored = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     model = build_causal_lm(model_path, model_config, tok, stored if dtype == "auto" else getattr(torch, dtype))
     try:
@@ -84,8 +84,8 @@ def load_causal_lm(source: str, tokenizer: str | None = None, what: str = "--mod
 
 
 def _architecture(hp: dict, source: str, what: str) -> tuple[str | None, dict | None]:
-    """``(model_path, model_config)`` of a checkpoint; a ``GRPOModule`` started from ``sft_checkpoint`` without its
-    own architecture takes that checkpoint's."""
+    """``(model_path, model_config)`` of a checkpoint (``hp``: its ``grpo_architecture`` or hyper-parameters); an
+    older ``GRPOModule`` checkpoint started from ``sft_checkpoint`` without its own architecture takes that file's."""
     if hp.get("model_path") or hp.get("model_config"):
         return hp.get("model_path"), hp.get("model_config")
     sft = hp.get("sft_checkpoint")

@@ -3,7 +3,9 @@
 - ``module``: ``GRPOModule``, the LightningModule (rollouts, the update loop, validation, the start from an SFT
   checkpoint). ``recipes.grpo.GRPOModule`` and ``recipes.GRPOModule`` name it.
 - ``loss``: advantages, per-token log-probs, clipped surrogate, k3 KL and aggregation as tensor functions.
-- ``rollout``: one rollout batch: sampling its completions, scoring them, the ``Rollout`` dataclass, its statistics.
+- ``rollout``: one rollout batch: sampling its completions, scoring them, the ``Rollout`` dataclass, its statistics,
+  its mini-batches.
+- ``reference``: the frozen KL reference (the run's initial policy, also after a resume).
 - ``logprobs``: per-token log-probs and entropies of sampled completions under a causal LM.
 - ``answer_span``: the final-answer tokens of sampled completions (for loss terms that ask for them).
 - ``sft_start``: reading an SFT (``CausalLMModule``) checkpoint: its architecture, weights and data settings.

@@ -107,3 +107,27 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Te
     is_eos = completion_ids == eos_token_id
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
     return (~after_eos).long()
+
+
+def grpo_objective(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   valid: torch.Tensor, ref_logp: torch.Tensor | None, entropy: torch.Tensor, *, eps_low: float,
+                   eps_high: float, kl_coef: float, aggregation: str, max_new_tokens: int
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's objective on one mini-batch (arXiv 2402.03300, Eq. 3): the clipped surrogate plus ``kl_coef`` times
+    the k3 KL to the reference, aggregated over tokens; returns it and its statistics (``loss/grpo``, ``grpo/kl``,
+    the clip fraction, the mean ratio and the mean entropy over the masked tokens)."""
+    per_token, clipped = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high)
+    stats = {}
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + kl_coef * kl
+        stats["grpo/kl"] = aggregate(kl.detach(), mask, aggregation, max_new_tokens, valid)
+    loss = aggregate(per_token, mask, aggregation, max_new_tokens, valid)
+    stats["loss/grpo"] = loss.detach()
+    with torch.no_grad():
+        mf = mask.float()
+        tokens = mf.sum().clamp(min=1)
+        stats["grpo/clip_fraction"] = (clipped.float() * mf).sum() / tokens
+        stats["grpo/ratio"] = (torch.exp(logp - old_logp) * mf).sum() / tokens
+        stats["grpo/entropy"] = (entropy * mf).sum() / tokens
+    return loss, stats

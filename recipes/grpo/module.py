@@ -2,13 +2,13 @@
 
 One training step = one rollout batch: G completions per prompt from a single batched ``generate`` (KV cache),
 rewards, group-normalized advantages, the rollout policy's log-probs cached, then ``mu`` passes over
-``num_mini_batches`` mini-batches, one optimizer step each (manual optimization). ``trainer.max_steps`` counts
-optimizer steps, i.e. ``mu * num_mini_batches`` per rollout batch.
+``num_mini_batches`` mini-batches, one optimizer step each (manual optimization). ``trainer.max_steps`` and the
+checkpoint names count optimizer steps, exactly ``mu * num_mini_batches`` per rollout batch; the logged metrics'
+``step`` counts rollout batches (one row each).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,15 +26,9 @@ from recipes.checkpoints import CheckpointError, record_module_class
 from recipes.grpo import answer_span
 from recipes.grpo.checks import ZeroRewardStreak, check_sequence_budget, check_sft_fits_verifier
 from recipes.grpo.logprobs import completion_logits, completion_logprobs
-from recipes.grpo.loss import (
-    AGGREGATIONS,
-    SCALES,
-    aggregate,
-    clipped_surrogate,
-    group_advantages,
-    k3_kl,
-)
-from recipes.grpo.rollout import Rollout, rollout_metrics, sample_completions, score_completions
+from recipes.grpo.loss import AGGREGATIONS, SCALES, grpo_objective, group_advantages
+from recipes.grpo.reference import frozen_reference
+from recipes.grpo.rollout import Rollout, mini_batch_indices, rollout_metrics, sample_completions, score_completions
 from recipes.grpo.sft_start import load_sft_weights, read_sft_checkpoint, sft_architecture, sft_data_settings
 from recipes.grpo.sft_warmup import sft_warmup
 from recipes.parts.hf_model import build_causal_lm, module_tokenizer
@@ -141,6 +135,9 @@ class GRPOModule(L.LightningModule):
         self.loss_terms: dict[str, LossTerm] = {}
         self._answer_mask_terms: set[str] = set()
         self._reference: list[torch.nn.Module] = []  # a list keeps the frozen copy out of state_dict and optimizer
+        self._saved_reference: dict[str, torch.Tensor] | None = None  # the reference restored from a checkpoint
+        # what the policy is built from (given, or the sft_checkpoint's): the hparams stay what the user gave
+        self.architecture: tuple[str | None, dict | None] = (model_path, model_config)
         self._warmup_done = False  # saved as the checkpoint's ``grpo_sft_done``: the warm-up runs once per run
         self._verifier: RewardFn | None = None
         self._sft_data_hparams: dict | None = None  # what the sft_checkpoint was trained on
@@ -166,20 +163,19 @@ class GRPOModule(L.LightningModule):
     def start_from_sft(self) -> None:
         """Start from ``sft_checkpoint``, the one place that reads it: take its architecture (unless ``model_path`` or
         ``model_config`` gives one), build the policy with its weights, and record the data settings it was trained
-        on (checked against the verifier at fit start). The architecture goes into this module's hyper-parameters,
-        so its own checkpoints never need the SFT file; restoring one overwrites these weights."""
+        on (checked against the verifier at fit start). The architecture is saved in this module's checkpoints
+        (``grpo_architecture``), so they never need the SFT file; restoring one overwrites these weights."""
         hp = self.hparams
         ckpt = read_sft_checkpoint(hp.sft_checkpoint)
         if hp.model_path is None and hp.model_config is None:
-            hp.model_path, hp.model_config = sft_architecture(ckpt)
+            self.architecture = sft_architecture(ckpt)
         self.model = self._build_policy()
         load_sft_weights(self.model, ckpt, hp.sft_checkpoint)
         self._sft_data_hparams = sft_data_settings(ckpt)
 
     def _build_policy(self) -> torch.nn.Module:
-        hp = self.hparams
-        return build_causal_lm(hp.model_path, hp.model_config, module_tokenizer(self),
-                               gradient_checkpointing=hp.gradient_checkpointing)
+        return build_causal_lm(*self.architecture, module_tokenizer(self),
+                               gradient_checkpointing=self.hparams.gradient_checkpointing)
 
     def register_loss_term(self, name: str, fn: LossTerm, needs_answer_mask: bool = False) -> None:
         """Add ``fn(PolicyTokens) -> loss`` (or ``(loss, {metric: value})``) to every mini-batch's loss.
@@ -192,20 +188,25 @@ class GRPOModule(L.LightningModule):
             self._answer_mask_terms.add(name)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save what continuing needs beyond the weights: the warm-up flag, the architecture, the KL reference."""
         checkpoint["grpo_sft_done"] = self._warmup_done
+        checkpoint["grpo_architecture"] = {"model_path": self.architecture[0], "model_config": self.architecture[1]}
+        if self._reference:
+            checkpoint["grpo_reference"] = self._reference[0].state_dict()
         record_module_class(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Restore the warm-up flag; without a policy yet (``load_from_checkpoint``, or ``sft_checkpoint`` gone) build
-        it from the checkpoint's own hyper-parameters: its weights follow from the checkpoint."""
+        """Restore the warm-up flag and the KL reference; without a policy yet (``load_from_checkpoint``, or
+        ``sft_checkpoint`` gone) build it from the checkpoint's architecture: its weights follow from it."""
         self._warmup_done = checkpoint.get("grpo_sft_done", False)
+        self._saved_reference = checkpoint.get("grpo_reference")
         if self.model is not None:
             return
         if self.tokenizer is None and self._trainer is None:  # load_from_checkpoint
             self.tokenizer = load_tokenizer(checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer", "char"))
-        saved = checkpoint.get("hyper_parameters", {})
-        self.hparams.model_config = self.hparams.model_config or saved.get("model_config")
-        self.hparams.model_path = self.hparams.model_path or saved.get("model_path")
+        saved = checkpoint.get("grpo_architecture") or checkpoint.get("hyper_parameters", {})
+        if self.architecture == (None, None):
+            self.architecture = (saved.get("model_path"), saved.get("model_config"))
         self.model = self._build_policy()
 
     def on_fit_start(self) -> None:
@@ -217,10 +218,15 @@ class GRPOModule(L.LightningModule):
             sft_warmup(self.model, data.sft_dataloader(), hp.sft_steps, hp.sft_lr, self.device)
         self._warmup_done = True
         if hp.kl_coef > 0 and not self._reference:
-            self._reference.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+            self._reference.append(self._initial_policy())
         self._verifier = data.reward_fn()
         if hp.sft_checkpoint and self.reward_funcs is None:
             check_sft_fits_verifier(self._sft_data_hparams, self._verifier, hp.sft_checkpoint)
+
+    def _initial_policy(self) -> torch.nn.Module:
+        """The frozen KL reference: the policy now (a run's start, after the warm-up), or the checkpoint's."""
+        saved, self._saved_reference = self._saved_reference, None
+        return frozen_reference(self.model, saved, self.global_step if self.trainer.ckpt_path else None)
 
     # ------------------------------------------------------------------------------------------ rollouts
     @torch.no_grad()
@@ -322,12 +328,10 @@ class GRPOModule(L.LightningModule):
         return forward
 
     def mini_batches(self, n: int) -> Iterator[torch.Tensor]:
-        """Completion indices of each optimizer step: ``mu`` shuffled passes of ``num_mini_batches`` chunks."""
+        """Completion indices of each optimizer step: ``mu`` shuffled passes of exactly ``num_mini_batches``."""
         hp = self.hparams
-        generator = torch.Generator().manual_seed(int(self.global_step) + 1_000_003 * int(self.current_epoch))
-        for _ in range(hp.mu):
-            order = torch.randperm(n, generator=generator) if hp.num_mini_batches > 1 else torch.arange(n)
-            yield from order.chunk(hp.num_mini_batches)
+        seed = int(self.global_step) + 1_000_003 * int(self.current_epoch)
+        return mini_batch_indices(n, hp.mu, hp.num_mini_batches, seed)
 
     def mini_batch_loss(self, rollout: Rollout, idx: torch.Tensor, stats: dict[str, list[torch.Tensor]],
                         forward: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -341,14 +345,12 @@ class GRPOModule(L.LightningModule):
         logp, entropy = forward
         old, m, advantages = rollout.old_logp[idx], rollout.loss_mask[idx], rollout.advantages[idx]
         valid = rollout.valid[idx]  # dropped completions count in no denominator
-        per_token, clipped = clipped_surrogate(logp, old, advantages, hp.eps_low, hp.eps_high)
         ref = rollout.ref_logp[idx] if rollout.ref_logp is not None else None
-        if ref is not None:
-            kl = k3_kl(logp, ref)
-            per_token = per_token + hp.kl_coef * kl
-            _add(stats, "grpo/kl", aggregate(kl.detach(), m, hp.loss_aggregation, hp.max_new_tokens, valid))
-        loss = aggregate(per_token, m, hp.loss_aggregation, hp.max_new_tokens, valid)
-        _add(stats, "loss/grpo", loss.detach())
+        loss, metrics = grpo_objective(logp, old, advantages, m, valid, ref, entropy, eps_low=hp.eps_low,
+                                       eps_high=hp.eps_high, kl_coef=hp.kl_coef, aggregation=hp.loss_aggregation,
+                                       max_new_tokens=hp.max_new_tokens)
+        for key, value in metrics.items():
+            _add(stats, key, value)
         tokens = PolicyTokens(logp=logp, old_logp=old, ref_logp=ref, advantages=advantages, mask=m, action_mask=m,
                               answer_mask=None if rollout.answer_mask is None else rollout.answer_mask[idx],
                               valid=valid)
@@ -359,12 +361,6 @@ class GRPOModule(L.LightningModule):
             _add(stats, f"loss/{name}", value.detach())
             for key, v in extra.items():
                 _add(stats, key, torch.as_tensor(v, dtype=torch.float32))
-        with torch.no_grad():
-            mf = m.float()
-            tokens_n = mf.sum().clamp(min=1)
-            _add(stats, "grpo/clip_fraction", (clipped.float() * mf).sum() / tokens_n)
-            _add(stats, "grpo/ratio", (torch.exp(logp - old) * mf).sum() / tokens_n)
-            _add(stats, "grpo/entropy", (entropy * mf).sum() / tokens_n)
         return loss
 
     def _log_rollout(self, rollout: Rollout) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,3 +96,16 @@ def rollout_metrics(rollout: Rollout) -> dict[str, torch.Tensor]:
         if sel.any():
             metrics[name] = seq_logp[sel].mean()
     return {k: v.float() for k, v in metrics.items()}
+
+
+def mini_batch_indices(n: int, mu: int, num_mini_batches: int, seed: int) -> Iterator[torch.Tensor]:
+    """Completion indices of each optimizer step on a rollout batch of ``n``: ``mu`` passes (shuffled from
+    ``seed`` when there are several mini-batches) of exactly ``num_mini_batches`` mini-batches, whose sizes differ
+    by at most one, so a rollout batch always makes ``mu * num_mini_batches`` optimizer steps."""
+    if n < num_mini_batches:
+        raise ValueError(f"a rollout batch of {n} completions cannot make num_mini_batches={num_mini_batches} "
+                         "mini-batches; lower model.num_mini_batches or raise data.batch_size * num_generations")
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(mu):
+        order = torch.randperm(n, generator=generator) if num_mini_batches > 1 else torch.arange(n)
+        yield from order.tensor_split(num_mini_batches)

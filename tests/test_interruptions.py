@@ -1,0 +1,136 @@
+"""The interruption contract, as a small matrix: a run interrupted by a signal in the middle of an accumulation
+window or during validation, by a crash after a time-triggered save, or stopped at ``max_steps`` and continued,
+ends with the same
+weights, optimizer state and technique choices (LISA's blocks) as the uninterrupted run, bitwise on the CPU, for
+``accumulate_grad_batches`` 1 and 2 and ``32-true`` / ``bf16-true``."""
+
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import LISA
+from callbacks.run.exact_resume import ExactResume
+from callbacks.run.periodic_checkpoint import PeriodicLastCheckpoint
+from callbacks.run.preemption import Preempted, PreemptionCheckpoint
+from datamodules.instruction import InstructionDataModule
+from recipes.causal_lm import CausalLMModule
+from tests.conftest import TINY_LM_CONFIG
+
+TINY = {**TINY_LM_CONFIG, "attention_dropout": 0.1}  # dropout draws random numbers: resume must restore them
+STEPS, CUT = 6, 3  # optimizer steps of the whole run; where it is interrupted
+
+
+class Interrupt(L.Callback):
+    """At training batch ``batch``: send SIGTERM to this process (``signal``), or let an hour pass on the periodic
+    checkpoint's clock (``late``); die at batch ``crash_at`` when given."""
+
+    def __init__(self, batch: int, how: str, clock: list[float] | None = None, crash_at: int | None = None) -> None:
+        self.batch, self.how, self.clock, self.crash_at, self.seen = batch, how, clock, crash_at, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen == self.crash_at:
+            raise SystemError("simulated crash")
+        if self.seen == self.batch and self.how == "late":
+            self.clock[0] += 3600.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.seen == self.batch and self.how == "signal":
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.seen += 1
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.how == "signal_in_validation" and batch_idx == 0:
+            self.validation_signalled = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fit(root, max_steps, acc, precision, ckpt_path=None, interrupt=None, every_n_minutes=None):
+    L.seed_everything(3)
+    data = InstructionDataModule(synthetic_dir=str(root.parent / "syn"), synthetic_train_size=24, batch_size=2,
+                                 seed=1)
+    # a schedule that does not depend on max_steps, so "stop at 3, continue to 6" is the 6-step run
+    module = CausalLMModule(model_config=TINY, warmup_steps=2, min_lr_ratio=1.0, exact_match_batches=0)
+    periodic = PeriodicLastCheckpoint(every_n_minutes=every_n_minutes, every_n_steps=1000)
+    lisa = LISA(n_layers=1, interval=2)
+    callbacks = ([interrupt] if interrupt else []) + [ExactResume(), lisa, periodic, PreemptionCheckpoint()]
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                        accumulate_grad_batches=acc, precision=precision, limit_val_batches=2,
+                        val_check_interval=CUT * acc, num_sanity_val_steps=0, default_root_dir=root)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return {"weights": {k: v.clone() for k, v in module.state_dict().items()},
+            "optimizer": trainer.optimizers[0].state_dict()["state"], "lisa": lisa.state_dict(),
+            "last": root / "checkpoints" / "last.ckpt"}
+
+
+def _assert_same(a, b):
+    for name, value in a["weights"].items():
+        assert torch.equal(value, b["weights"][name]), name
+    assert a["optimizer"].keys() == b["optimizer"].keys()
+    for key, state in a["optimizer"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"][key][name]), (key, name)
+    assert a["lisa"]["active"] == b["lisa"]["active"]
+    assert torch.equal(a["lisa"]["generator"], b["lisa"]["generator"])
+
+
+_FULL: dict = {}
+
+
+def _full(tmp_path_factory, acc, precision):
+    if (acc, precision) not in _FULL:
+        _FULL[acc, precision] = _fit(tmp_path_factory.mktemp("full"), STEPS, acc, precision)
+    return _FULL[acc, precision]
+
+
+# every dimension is covered (accumulation 1 and 2, both precisions, each interruption) without the full product
+@pytest.mark.parametrize("acc,precision,kind", [
+    (1, "32-true", "end_of_fit"), (2, "bf16-true", "end_of_fit"),
+    (2, "32-true", "signal_mid_window"), (2, "bf16-true", "signal_mid_window"),
+    (2, "32-true", "periodic_then_crash"), (1, "32-true", "signal_in_validation"),
+    (2, "bf16-true", "signal_in_validation"),
+])
+def test_interrupted_run_continues_exactly(tmp_path, tmp_path_factory, monkeypatch, acc, precision, kind):
+    full = _full(tmp_path_factory, acc, precision)
+    root = tmp_path / "cut"
+    window = CUT * acc - acc  # the first batch of the window that makes step CUT
+    if kind == "end_of_fit":  # stopped by max_steps, continued with a larger one
+        _fit(root, CUT, acc, precision)
+    elif kind == "signal_mid_window":  # SIGTERM after the window's first micro-batch: the window is finished first
+        with pytest.raises(Preempted):
+            _fit(root, STEPS, acc, precision, interrupt=Interrupt(window, "signal"))
+    elif kind == "signal_in_validation":  # validation after step CUT stops after its first batch
+        stop = Interrupt(0, "signal_in_validation")
+        with pytest.raises(Preempted):
+            _fit(root, STEPS, acc, precision, interrupt=stop)
+        assert stop.validation_signalled
+    else:  # the save interval passes in the middle of a window, then the process dies in the next window
+        clock = [0.0]
+        monkeypatch.setattr("callbacks.run.periodic_checkpoint.monotonic", lambda: clock[0])
+        with pytest.raises(SystemError, match="simulated crash"):
+            _fit(root, STEPS, acc, precision, every_n_minutes=1.0,
+                 interrupt=Interrupt(window, "late", clock, crash_at=CUT * acc + 1))
+    last = root / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == CUT and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
+        "processed"] == CUT * acc  # a whole number of windows
+    _assert_same(full, _fit(tmp_path / "resumed", STEPS, acc, precision, ckpt_path=last))
+
+
+def test_a_failed_fit_leaves_nothing_on_the_model(tmp_path):
+    """Lightning calls no ``teardown``/``on_fit_end`` when a fit raises: the callbacks that change the model undo
+    it in ``on_exception``, so a retry, a sweep or the next notebook cell trains the plain model."""
+    from callbacks import LayerDiagnostics, ProgressiveLayerDrop
+    from tests.conftest import TinyModule, tiny_loader, trainer
+
+    module = TinyModule(layers=4)
+    callbacks = [LISA(n_layers=1, interval=2), ProgressiveLayerDrop(theta_bar=0.5, gamma=1.0),
+                 LayerDiagnostics(interval=1, heatmaps=False), Interrupt(0, "none", crash_at=2)]
+    with pytest.raises(SystemError, match="simulated crash"):
+        trainer(callbacks, 4, tmp_path).fit(module, tiny_loader(batches=4))
+    assert [n for n, p in module.named_parameters() if not p.requires_grad] == []  # LISA's frozen blocks
+    assert [n for n, m in module.named_modules() if "forward" in m.__dict__] == []  # layer-drop wrappers
+    assert [n for n, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks] == []  # diagnostics
