@@ -198,6 +198,17 @@ def test_diversity_arguments_are_checked_before_loading(args, message, tmp_path,
     assert message in line
 
 
+
+def test_write_crc_data_owns_its_folder(tmp_path, capsys):
+    folder = tmp_path / "crc"
+    main(["diversity", "--write_crc_data", str(folder)])
+    (folder / "notes.txt").write_text("the user's own file")
+    line = refusal(capsys, "diversity", "--write_crc_data", str(folder))
+    assert "--write_crc_data=" in line and "is not empty" in line
+    main(["diversity", "--write_crc_data", str(folder), "--overwrite"])
+    assert sorted(p.name for p in folder.iterdir()) == ["sft.jsonl", "train.jsonl", "val.jsonl"]
+
+
 # ---------------------------------------------------------------------------------------------------------- config
 def test_a_config_path_that_does_not_exist_is_an_error_and_c_is_config(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

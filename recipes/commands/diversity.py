@@ -39,7 +39,7 @@ from datamodules.diversity import (
 from datamodules.rewards import QAExactMatch
 from datamodules.tokenizer import require_chat_template
 from datamodules.verifiable_qa import read_verifiable_file
-from recipes.commands.checks import CommandError
+from recipes.commands.checks import CommandError, claim_output_dir
 from recipes.commands.restore import load_causal_lm
 
 TEMPLATE_FIELDS = ("length", "allowed", "allowed_list")  # what a CRC request fills into --crc_template
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None, help="append the result as one JSON line to this file")
     parser.add_argument("--write_crc_data", default=None, metavar="DIR",
                         help="write the restoration experiment's sft/train/val JSONL (seeded by --seed) and exit")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--write_crc_data: clear a folder that already holds files instead of refusing")
     return parser
 
 
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     check_args(parser, args)
     if args.write_crc_data:
+        claim_output_dir(args.write_crc_data, "--write_crc_data", args.overwrite)
         paths = write_crc_mix(args.write_crc_data, seed=args.seed)
         print(json.dumps({name: str(p) for name, p in paths.items()}))
         return {name: str(p) for name, p in paths.items()}
