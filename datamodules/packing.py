@@ -77,13 +77,13 @@ class PackedDataset(Dataset):
 
 def collate_packed(rows: list[dict], pad_token_id: int) -> dict:
     """Right-padded ``input_ids`` / ``labels`` / ``position_ids`` and no ``attention_mask`` (the position restarts
-    define it); the padding continues as one more sequence whose labels are ignored. ``num_tokens`` counts the
-    tokens that are not padding."""
+    define it); the padding continues as one more sequence whose labels are ignored. ``num_tokens`` counts each
+    row's tokens that are not padding (they lead the row)."""
     return {
         "input_ids": pad([r["input_ids"] for r in rows], pad_token_id),
         "labels": pad([r["labels"] for r in rows], IGNORE_INDEX),
         "position_ids": _pad_positions([r["position_ids"] for r in rows]),
-        "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows)),
+        "num_tokens": torch.tensor([len(r["input_ids"]) for r in rows]),
     }
 
 

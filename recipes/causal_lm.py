@@ -246,7 +246,7 @@ def model_inputs(model: torch.nn.Module, batch: dict) -> tuple[dict[str, torch.T
 
 def padding_fraction(batch: dict) -> torch.Tensor:
     """The share of the batch's positions that hold padding rather than tokens of an example."""
-    tokens = batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum()
+    tokens = (batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"]).sum()
     return 1.0 - tokens.float() / batch["input_ids"].numel()
 
 

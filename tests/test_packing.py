@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 
+from callbacks.core.layer_stats import forward_batch, token_mask
+from callbacks.layer_diagnostics import LayerDiagnostics
 from callbacks.layer_drop import ProgressiveLayerDrop
 from callbacks.lisa import LISA
 from datamodules.chat_encoding import IGNORE_INDEX, collate_examples
@@ -89,6 +91,22 @@ def test_each_example_loss_equals_its_unpacked_loss(packed, family, chunk):
         torch.testing.assert_close(module.lm_loss(one_row), weighted, atol=1e-5, rtol=0)
 
 
+def test_measurements_keep_attention_inside_examples(packed):
+    """LISA importance, OwLore calibration and layer diagnostics run the model on training batches: a packed one
+    runs as in training, its padding left out of the means."""
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=LONG, tokenizer_name="char")
+    module.configure_model()
+    module.eval()
+    ds: PackedDataset = packed.datasets["train"]
+    batch = collate_packed([ds[0], ds[len(ds) - 1]], packed.tokenizer.pad_token_id)
+    with torch.no_grad():
+        trained = module.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        torch.testing.assert_close(forward_batch(module, batch).logits, trained.logits, atol=0, rtol=0)
+    mask = token_mask(batch)
+    assert mask.sum(1).tolist() == batch["num_tokens"].tolist() and mask[:, 0].all()
+
+
 def _fit(root, packing: bool, callbacks: list) -> list[dict]:
     L.seed_everything(0)
     data = InstructionDataModule(synthetic_dir=str(root.parent / "syn"), synthetic_train_size=48, batch_size=4,
@@ -99,15 +117,19 @@ def _fit(root, packing: bool, callbacks: list) -> list[dict]:
                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, log_every_n_steps=1)
     trainer.fit(module, datamodule=data)
-    return [r for r in csv.DictReader((root / "metrics.csv").open()) if r.get("train/loss")]
+    return list(csv.DictReader((root / "metrics.csv").open()))
 
 
 def test_lisa_and_layer_drop_train_on_packed_rows_with_less_padding(tmp_path):
-    callbacks = [LISA(n_layers=1, interval=2, seed=0), ProgressiveLayerDrop(theta_bar=0.5, gamma=1.0, seed=0)]
-    packed_rows = _fit(tmp_path / "packed", True, callbacks)
-    padded_rows = _fit(tmp_path / "padded", False, [])
+    callbacks = [LISA(n_layers=1, interval=2, seed=0, sampling="importance"),
+                 ProgressiveLayerDrop(theta_bar=0.5, gamma=1.0, seed=0),
+                 LayerDiagnostics(interval=2, probe_size=2, heatmaps=False, logit_lens=True)]
+    packed_log = _fit(tmp_path / "packed", True, callbacks)
+    packed_rows = [r for r in packed_log if r.get("train/loss")]
+    padded_rows = [r for r in _fit(tmp_path / "padded", False, []) if r.get("train/loss")]
     assert len(packed_rows) == 4 and all(torch.isfinite(torch.tensor(float(r["train/loss"]))) for r in packed_rows)
     packed_padding = [float(r["data/padding_fraction"]) for r in packed_rows]
     padded_padding = [float(r["data/padding_fraction"]) for r in padded_rows]
     assert all(0.0 <= p < 0.2 for p in packed_padding), packed_padding
     assert sum(packed_padding) < sum(padded_padding)
+    assert any(r.get("layers/block_influence/0") for r in packed_log)
