@@ -12,7 +12,7 @@ The top level holds what a user attaches to a run:
 
 ``run`` holds run safety, what the recipes' CLI installs for every run (preemption, periodic and atomic
 checkpoints, finite-loss, empty-fit and train-mode checks, resume settings, exact resume, run info, progress
-bar); ``core`` holds the helpers the callbacks build on that are not callbacks themselves.
+bar, throughput); ``core`` holds the helpers the callbacks build on that are not callbacks themselves.
 
 Names are imported lazily, so ``class_path: callbacks.LISA`` in a YAML only imports what it uses.
 """
@@ -38,6 +38,7 @@ _EXPORTS = {
     "EmptyFitGuard": "callbacks.run.empty_fit",
     "TrainModeCheck": "callbacks.run.train_mode",
     "OptimizerSettingsOnResume": "callbacks.run.resume_settings",
+    "ThroughputLogger": "callbacks.run.throughput",
 }
 __all__ = list(_EXPORTS)
 

@@ -8,6 +8,7 @@
 - ``phantom_cxr``: synthetic chest X-ray phantoms in the NIH and CheXpert folder formats.
 - ``record_sources`` / ``record_forms``: text records from files, folders or data sets by name; their forms as chat.
 - ``instruction_records``: instruction records normalized and tokenized once (``datasets.map``, cached).
+- ``packing``: tokenized examples side by side in rows of ``max_length`` (``data.packing: true``).
 - ``jsonl_records`` / ``chat_encoding``: data errors and strict UTF-8; chat messages to token ids and labels.
 - ``tokenizer``: local Hugging Face tokenizers or the built-in character tokenizer.
 - ``rewards``: verifiable rewards and the guard that calls any reward function.

@@ -13,6 +13,7 @@ from datamodules.chat_encoding import collate_examples
 from datamodules.generated import generate_once, keyed_dir
 from datamodules.instruction_records import encode_source, split_once
 from datamodules.jsonl_records import DataError
+from datamodules.packing import PackedDataset, collate_packed
 from datamodules.record_forms import DataFormat, check_format_args
 from datamodules.record_sources import DatasetSpec, load_source
 from datamodules.resumable_sampler import resumable_sampler
@@ -50,6 +51,10 @@ class InstructionDataModule(L.LightningDataModule):
         num_proc: processes that tokenize (``datasets.map``); the result is cached and reused on the next start.
         cache_dir: where converted and tokenized data are cached; ``None`` is the ``datasets`` cache
             (``HF_DATASETS_CACHE``).
+        packing: place several training examples side by side in each row of ``max_length`` tokens (position ids
+            restart per example, attention stays inside each example, see ``datamodules.packing``), so the batch
+            holds ``batch_size`` rows of real tokens instead of padding. Validation and test stay one example a
+            row (the exact-match answers need their prompts).
     """
 
     # the settings that define what is trained: a resumed run must give the checkpoint's (python -m recipes)
@@ -80,6 +85,7 @@ class InstructionDataModule(L.LightningDataModule):
         columns: dict[str, str] | None = None,
         num_proc: int = 1,
         cache_dir: str | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -137,7 +143,10 @@ class InstructionDataModule(L.LightningDataModule):
         if self.datasets:
             return
         self.datasets = self._splits()
-        rank_zero_info("Instruction data: " + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items()))
+        if self.hparams.packing:
+            self.datasets["train"] = PackedDataset(self.datasets["train"], self.hparams.max_length)
+        rank_zero_info("Instruction data: " + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items())
+                       + (" (train: packed rows)" if self.hparams.packing else ""))
 
     def _splits(self) -> dict:
         """Every split, tokenized (from the cache when it was tokenized before)."""
@@ -167,8 +176,9 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(f"No {split} split: set {split}_file (or leave train_file unset for the synthetic tasks)")
         dataset, batch_size = self.datasets[split], self.hparams.batch_size
         sampler = resumable_sampler(dataset, self.trainer, batch_size, self.hparams.seed) if split == "train" else None
+        collate = collate_packed if isinstance(dataset, PackedDataset) else collate_examples
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
-                          collate_fn=lambda b: collate_examples(b, self.tokenizer.pad_token_id))
+                          collate_fn=lambda b: collate(b, self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -154,17 +154,20 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def lm_loss(self, batch: dict) -> torch.Tensor:
-        """Mean next-token cross-entropy over the labelled (response) tokens of ``batch``."""
+        """Mean next-token cross-entropy over the labelled (response) tokens of ``batch`` (padded or packed)."""
+        inputs, labels = model_inputs(self.model, batch)
         chunk = self.hparams.loss_chunk_size
-        if chunk is None or not chunked_head_matches(self.model, batch["input_ids"]):
-            return self(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], use_cache=False).loss
-        hidden = last_hidden_state(self.model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return chunked_cross_entropy(hidden[:, :-1], split_lm(self.model)[1], batch["labels"][:, 1:], chunk)
+        if chunk is None or not chunked_head_matches(self.model, inputs["input_ids"]):
+            return self.model(**inputs, labels=labels, use_cache=False).loss
+        hidden = last_hidden_state(self.model, **inputs)
+        return chunked_cross_entropy(hidden[:, :-1], split_lm(self.model)[1], labels[:, 1:], chunk)
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.lm_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        rows = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
+        self.log("data/padding_fraction", padding_fraction(batch), batch_size=rows)
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
@@ -226,6 +229,25 @@ class CausalLMModule(L.LightningModule):
         scheduler = warmup_cosine_scheduler(optimizer, hp.warmup_steps, int(self.trainer.estimated_stepping_batches),
                                             min_ratio)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def model_inputs(model: torch.nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model's inputs and the labels of a padded batch (``attention_mask``) or a packed one (``position_ids``
+    restarting per example and no mask, from which transformers keeps attention inside each example). Flash
+    attention finds the examples from the position ids only in a one-row batch, so there a packed batch is laid
+    out as one row (its loss is unchanged: each row starts with a masked label)."""
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+    inputs, labels = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}, batch["labels"]
+    if "flash" in str(getattr(model.config, "_attn_implementation", "")):
+        inputs, labels = {k: v.reshape(1, -1) for k, v in inputs.items()}, labels.reshape(1, -1)
+    return inputs, labels
+
+
+def padding_fraction(batch: dict) -> torch.Tensor:
+    """The share of the batch's positions that hold padding rather than tokens of an example."""
+    tokens = (batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"]).sum()
+    return 1.0 - tokens.float() / batch["input_ids"].numel()
 
 
 def _apply_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:

@@ -28,6 +28,7 @@ from callbacks.run.preemption import Preempted, PreemptionCheckpoint
 from callbacks.run.progress import StepProgressBar
 from callbacks.run.resume_settings import OptimizerSettingsOnResume
 from callbacks.run.run_info import RunInfoLogger
+from callbacks.run.throughput import ThroughputLogger
 from callbacks.run.train_mode import TrainModeCheck
 from recipes import resume
 from recipes.checkpoints import import_class
@@ -100,7 +101,7 @@ class RecipesCLI(LightningCLI):
                                                              LearningRateMonitor(logging_interval="step"),
                                                              StepProgressBar(), EmptyFitGuard(),
                                                              PreemptionCheckpoint(), OptimizerSettingsOnResume(),
-                                                             TrainModeCheck()]})
+                                                             TrainModeCheck(), ThroughputLogger()]})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
                          subclass_mode_data=True, **kwargs)
 
@@ -205,11 +206,15 @@ class RecipesCLI(LightningCLI):
         return loggers
 
     def _drop_unusable_default_callbacks(self, config) -> None:
-        """No ``LearningRateMonitor`` without a logger; no :class:`StepProgressBar` when the config gives its own
-        progress bar or turns the bar off."""
+        """No ``LearningRateMonitor`` or :class:`ThroughputLogger` without a logger, nor the default
+        ``ThroughputLogger`` when the config gives its own (its ``window_size``); no :class:`StepProgressBar` when
+        the config gives its own progress bar or turns the bar off."""
         given = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
-        unused = (LearningRateMonitor,) if config["trainer"].get("logger") is False else ()  # nothing to log to
+        given = given if isinstance(given, list) else [given]
+        own_bar = any(isinstance(c, ProgressBar) for c in given)
+        no_logger = config["trainer"].get("logger") is False
+        unused = (LearningRateMonitor, ThroughputLogger) if no_logger else ()  # nothing to log to
+        unused += (ThroughputLogger,) if any(isinstance(c, ThroughputLogger) for c in given) else ()
         unused += (StepProgressBar,) if own_bar or config["trainer"].get("enable_progress_bar") is False else ()
         defaults = self.trainer_defaults
         defaults["callbacks"] = [c for c in defaults["callbacks"] if not isinstance(c, unused)]

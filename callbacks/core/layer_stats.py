@@ -6,7 +6,8 @@ For block l with input h_in and output h_out (per token t, hidden vectors):
     relative contribution  C_l  = mean_t ||h_out[t] - h_in[t]|| / ||h_in[t]||   (Csordas et al., arXiv 2505.13898)
     logit-lens KL          KL_l = mean_t KL(p_final[t] || softmax(head(norm(h_out[t]))))
 
-Means run over the tokens that are not padding (``attention_mask``), or over all positions when there is none.
+Means run over the tokens that are not padding (``attention_mask``, or ``num_tokens`` per row of a packed batch),
+or over all positions when there is none.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def forward_batch(module: nn.Module, batch) -> object:
     or images (``image``), an ``(inputs, ...)`` tuple, or a tensor.
 
     A module without its own ``forward`` (e.g. a LightningModule that only calls ``self.model``) runs its
-    ``model`` attribute.
+    ``model`` attribute. A packed batch (``position_ids`` restarting per example, no mask; ``datamodules.packing``)
+    runs with its position ids and no cache, so attention stays inside each example as in training.
     """
     if not _has_forward(module) and isinstance(getattr(module, "model", None), nn.Module):
         module = module.model
@@ -34,6 +36,8 @@ def forward_batch(module: nn.Module, batch) -> object:
         for prefix in ("", "prompt_"):
             if f"{prefix}input_ids" in batch:
                 mask = batch.get(f"{prefix}attention_mask")
+                if "position_ids" in batch and not prefix:
+                    return module(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
                 return module(input_ids=batch[f"{prefix}input_ids"], attention_mask=mask)
         if "image" in batch:
             return module(batch["image"])
@@ -88,9 +92,13 @@ def _has_forward(module: nn.Module) -> bool:
 
 
 def token_mask(batch) -> torch.Tensor | None:
-    """The batch's ``attention_mask`` (or ``prompt_attention_mask``; 1 = real token), or ``None``."""
+    """The batch's ``attention_mask`` (or ``prompt_attention_mask``; 1 = real token), the leading ``num_tokens``
+    positions of each row of a packed batch, or ``None``."""
     if not isinstance(batch, dict):
         return None
+    if "num_tokens" in batch and "attention_mask" not in batch:
+        width = batch["input_ids"].shape[1]
+        return (torch.arange(width, device=batch["input_ids"].device) < batch["num_tokens"][:, None]).long()
     return batch["attention_mask"] if "attention_mask" in batch else batch.get("prompt_attention_mask")
 
 

@@ -10,6 +10,7 @@
 - ``exact_resume``: ``ExactResume``, a mid-epoch resume continues as the uninterrupted run would have.
 - ``run_info``: ``RunInfoLogger``, the seed and library versions logged with every run.
 - ``progress``: ``StepProgressBar``, the optimizer step and its budget next to the epoch.
+- ``throughput``: ``ThroughputLogger``, samples/s, tokens/s and MFU of training on the dashboard.
 
 The public callbacks are also exported from :mod:`callbacks` (``class_path: callbacks.PreemptionCheckpoint``).
 """
