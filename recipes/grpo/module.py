@@ -26,7 +26,7 @@ from recipes.checkpoints import CheckpointError, record_module_class
 from recipes.grpo import answer_span
 from recipes.grpo.checks import ZeroRewardStreak, check_sequence_budget, check_sft_fits_verifier
 from recipes.grpo.logprobs import completion_logits, completion_logprobs
-from recipes.grpo.loss import AGGREGATIONS, SCALES, grpo_objective, group_advantages
+from recipes.grpo.loss import AGGREGATIONS, SCALES, group_advantages, grpo_objective
 from recipes.grpo.reference import frozen_reference
 from recipes.grpo.rollout import Rollout, mini_batch_indices, rollout_metrics, sample_completions, score_completions
 from recipes.grpo.sft_start import load_sft_weights, read_sft_checkpoint, sft_architecture, sft_data_settings
