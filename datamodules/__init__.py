@@ -9,6 +9,7 @@
 - ``phantom_cxr``: synthetic chest X-ray phantoms in the NIH and CheXpert folder formats.
 - ``record_sources`` / ``record_forms``: text records from files, folders or data sets by name; their forms as chat.
 - ``instruction_records``: instruction records normalized and tokenized once (``datasets.map``, cached).
+- ``verifiable_records``: verifiable-QA records checked (GSM8K / QA form), prompts tokenized once (cached).
 - ``jsonl_records`` / ``chat_encoding``: data errors and strict UTF-8; chat messages to token ids and labels.
 - ``tokenizer``: local Hugging Face tokenizers or the built-in character tokenizer.
 - ``rewards``: verifiable rewards and the guard that calls any reward function.
