@@ -5,10 +5,12 @@
 - ``text_corpus``: ``TextCorpusDataModule``, pre-training text shards packed into fixed-length blocks once.
 - ``chestxray14`` / ``chexpert``: ``ChestXray14DataModule`` / ``CheXpertDataModule``, the X-ray sets as shipped.
 - ``xray_dataset`` / ``xray_transforms``: what the X-ray modules share: records, splits, the image pipeline.
+- ``xray_augment``: crop, flip and RandAugment drawing from a per-sample generator, never a global one.
 - ``phantom_cxr``: synthetic chest X-ray phantoms in the NIH and CheXpert folder formats.
 - ``record_sources`` / ``record_forms``: text records from files, folders or data sets by name; their forms as chat.
 - ``instruction_records``: instruction records normalized and tokenized once (``datasets.map``, cached).
 - ``packing``: tokenized examples side by side in rows of ``max_length`` (``data.packing: true``).
+- ``verifiable_records``: verifiable-QA records checked (GSM8K / QA form), prompts tokenized once (cached).
 - ``jsonl_records`` / ``chat_encoding``: data errors and strict UTF-8; chat messages to token ids and labels.
 - ``tokenizer``: local Hugging Face tokenizers or the built-in character tokenizer.
 - ``rewards``: verifiable rewards and the guard that calls any reward function.

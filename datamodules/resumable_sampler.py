@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import random
-import threading
 from collections.abc import Callable, Iterator, Sized
-from contextlib import contextmanager
 
 import lightning as L
-import numpy as np
-import torch
 from torch.utils.data import DistributedSampler
 
 
@@ -18,9 +13,10 @@ class ResumableSampler(DistributedSampler):
     interrupted run already trained on, so a run resumed mid-epoch sees exactly the batches the uninterrupted run
     would have seen. Being a ``DistributedSampler``, Lightning keeps it as is under DDP instead of wrapping it.
 
-    With ``with_seeds=True`` it yields ``(index, seed)`` pairs instead of indices: a per-sample, per-epoch seed for
-    random augmentation (see :func:`seeded_rng`), so augmentation does not depend on the global random state, on
-    the number of workers or on prefetching, and a resumed run augments exactly as the uninterrupted one.
+    With ``with_seeds=True`` it yields ``(index, (seed, epoch, index))`` pairs instead of indices: the entropy of
+    the sample's own augmentation generator (``datamodules.xray_augment.sample_generator``), so augmentation does
+    not depend on the global random state, on threads, on the number of workers or on prefetching, and a resumed
+    run augments exactly as the uninterrupted one.
 
     ``samples_done`` is asked at the start of every epoch how many samples (on this rank) the epoch already
     trained on before an interruption; they are skipped.
@@ -32,43 +28,12 @@ class ResumableSampler(DistributedSampler):
         self.with_seeds = with_seeds
         self.samples_done = samples_done
 
-    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, tuple[int, int, int]]]:
         indices = list(super().__iter__())
         skip = self.samples_done() if self.samples_done is not None else 0
         if not self.with_seeds:
             return iter(indices[skip:])
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_033
-        return iter([(i, (base + i) % 2**62) for i in indices[skip:]])
-
-
-@contextmanager
-def seeded_rng(seed: int):
-    """Run a block with every global generator a transform may draw from seeded from ``seed``: Python's
-    ``random``, NumPy's global generator (timm's RandAugment picks its operations with ``np.random.choice``) and
-    torch's CPU generator. Their states are restored afterwards, so the block changes no other random stream."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed([seed % 2**32, seed // 2**32 % 2**32])
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-_SEEDED = threading.Lock()  # the generators are process-wide: one seeded transform at a time
-
-
-def apply_seeded(transform: Callable, value, seed: int | None):
-    """``transform(value)``, drawn from ``seed`` when one is given (see ``ResumableSampler(with_seeds=True)``).
-    Seeded transforms run one at a time, so loading from several threads gives the same images as loading in
-    order (the generators they draw from are process-wide)."""
-    if seed is None:
-        return transform(value)
-    with _SEEDED, seeded_rng(seed):
-        return transform(value)
+        return iter([(i, (self.seed, self.epoch, i)) for i in indices[skip:]])
 
 
 def resumable_sampler(dataset: Sized, trainer: L.Trainer | None, batch_size: int, seed: int,

@@ -1,12 +1,9 @@
 """Prompts with checkable reference answers for RL with verifiable rewards (GRPO): the user's data or synthetic tasks.
 
 The data is read through ``record_sources`` (JSONL, JSON array, parquet, arrow, CSV, a ``save_to_disk`` folder or
-a data set by name); ``columns`` renames other column names first. Accepted forms (one per source):
-- GSM8K form: ``{"question": ..., "answer": "... #### 72"}``; the reference is the number after ``####``,
-  checked at load with the reward's own parser: thousands commas, a currency sign, a percent sign and unit words
-  are dropped (``#### 18 dollars`` -> ``18``), a fraction ``a/b`` is kept as its value; anything else (``3 or 4``)
-  is an error naming the file and line, since no completion could ever match it.
-- QA form: ``{"question": ..., "answers": ["Paris", "paris, france"]}``; any accepted answer counts.
+a data set by name); ``columns`` renames other column names first. The accepted forms (GSM8K form with
+``#### <number>``, QA form with a list of ``answers``) and their checks are in ``verifiable_records``, which also
+renders and tokenizes the prompts once (``datasets.map``, cached by fingerprint, memory-mapped).
 """
 
 from __future__ import annotations
@@ -18,63 +15,18 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from datamodules.chat_encoding import collate_examples, encode_chat, encode_prompt, pad
+from datamodules.chat_encoding import collate_examples, pad
 from datamodules.generated import generate_once, keyed_dir
-from datamodules.holdout import holdout_split
-from datamodules.instruction_records import read_instruction_file
-from datamodules.jsonl_records import DataError, field_text
-from datamodules.record_forms import rename_columns
+from datamodules.instruction_records import encode_source, split_once
+from datamodules.jsonl_records import DataError
 from datamodules.record_sources import DatasetSpec, load_source
 from datamodules.resumable_sampler import resumable_sampler
-from datamodules.rewards import BUILTIN_REWARDS, RewardFn, normalize_reference
+from datamodules.rewards import BUILTIN_REWARDS, RewardFn
 from datamodules.synthetic_tasks import TASKS, make_problems
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
+from datamodules.verifiable_records import encode_verifiable, prompt_messages
 
 VERIFIABLE_FORMATS = ("auto", "gsm8k", "qa")
-
-
-def read_verifiable_file(path: str | Path | DatasetSpec, data_format: str = "auto",
-                         columns: dict[str, str] | None = None,
-                         cache_dir: str | None = None) -> tuple[str, list[tuple[str, dict]]]:
-    """``(form, [(where, row)])`` of a GSM8K-form or QA-form source; a row has ``question`` and its reference."""
-    rows, form = [], None if data_format == "auto" else data_format
-    source = load_source(path, cache_dir)
-    if len(source) == 0:
-        raise DataError(f"{source.name}: the file has no records (empty split)")
-    for where, record in source.records():
-        record = rename_columns(record, columns)
-        question = record.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise DataError(f"{where}: field 'question' must be a non-empty string")
-        this = "qa" if "answers" in record else "gsm8k" if "answer" in record else None
-        if data_format != "auto" and this != data_format:
-            column = "answers" if data_format == "qa" else "answer"
-            raise DataError(f"{where}: data_format={data_format!r} needs column {column!r}; got fields "
-                            f"{sorted(record)}")
-        if this is None:
-            raise DataError(f"{where}: expected 'answer' (GSM8K form, ending '#### <number>') or 'answers' "
-                            f"(QA form, a list of accepted answers); got fields {sorted(record)}")
-        if form is not None and this != form:
-            raise DataError(f"{where}: record is in {this} form but the file started in {form} form; use one form")
-        form = this
-        if form == "gsm8k":
-            reference = field_text(record["answer"])
-            if reference is None or "####" not in reference:
-                raise DataError(f"{where}: 'answer' must end with '#### <number>' (GSM8K form), got "
-                                f"{record['answer']!r}")
-            try:
-                number = normalize_reference(reference.rsplit("####", 1)[1])
-            except ValueError as err:
-                raise DataError(f"{where}: 'answer': {err}; no completion could match it. Write one number after "
-                                "'####'") from err
-            rows.append((where, {"question": question, "answer": number}))
-        else:
-            answers = record["answers"]
-            texts = [field_text(a) for a in answers] if isinstance(answers, list) else []
-            if not texts or any(t is None or not t.strip() for t in texts):
-                raise DataError(f"{where}: 'answers' must be a non-empty list of strings, none blank; got {answers!r}")
-            rows.append((where, {"question": question, "answers": texts}))
-    return form, rows
 
 
 def write_synthetic_rl_splits(directory: str | Path, n_sft: int, n_train: int, n_val: int, seed: int,
@@ -113,7 +65,8 @@ class VerifiableQADataModule(L.LightningDataModule):
             ``val_file``: ``split`` and ``val_split`` name its splits, ``subset`` and ``revision`` select it.
         data_format: ``auto`` (told from the columns), ``gsm8k`` or ``qa``.
         columns: renames the data's columns, e.g. ``{"problem": "question", "solution": "answer"}``.
-        cache_dir: where converted data are cached; ``None`` is the ``datasets`` cache.
+        cache_dir: where converted and tokenized data are cached; ``None`` is the ``datasets`` cache.
+        num_proc: processes that tokenize (``datasets.map``); the result is cached and reused on the next start.
         tokenizer: a local Hugging Face tokenizer directory, or ``"char"`` for the built-in one.
         system_prompt: optional system message put before every question.
         reward: ``auto`` (``gsm8k_strict`` for GSM8K form, ``qa_exact_match`` for QA form) or one of
@@ -157,6 +110,7 @@ class VerifiableQADataModule(L.LightningDataModule):
         data_format: str = "auto",
         columns: dict[str, str] | None = None,
         cache_dir: str | None = None,
+        num_proc: int = 1,
     ) -> None:
         super().__init__()
         if reward != "auto" and reward not in BUILTIN_REWARDS:
@@ -169,6 +123,8 @@ class VerifiableQADataModule(L.LightningDataModule):
         if small or num_workers < 0:
             raise ValueError(f"{small or {'num_workers': num_workers}}: expected batch sizes and lengths >= 1 and "
                              "num_workers >= 0")
+        if num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {num_proc}")
         if data_format not in VERIFIABLE_FORMATS:
             raise ValueError(f"data_format must be one of {VERIFIABLE_FORMATS}, got {data_format!r}")
         if dataset is not None and (train_file or val_file):
@@ -180,7 +136,7 @@ class VerifiableQADataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
         require_chat_template(self.tokenizer, f"{tokenizer!r}")
-        self.datasets: dict[str, list[dict]] = {}
+        self.datasets: dict = {}  # split -> memory-mapped ``datasets.Dataset``
         self.form: str | None = None
 
     def _synthetic_key(self) -> dict:
@@ -216,21 +172,30 @@ class VerifiableQADataModule(L.LightningDataModule):
             return
         files = self.files()
         hp = self.hparams
-        self.form, train = read_verifiable_file(files["train"], hp.data_format, hp.columns, hp.cache_dir)
+        self.form, train = self._encode(files["train"])
         if files["val"] is None:
-            train, val = holdout_split(train, self.hparams.val_fraction, self.hparams.seed, files["train"])
+            train, val = split_once(train, hp.val_fraction, hp.seed, files["train"], hp.cache_dir)
         else:
-            val_form, val = read_verifiable_file(files["val"], hp.data_format, hp.columns, hp.cache_dir)
+            val_form, val = self._encode(files["val"])
             if val_form != self.form:
                 raise DataError(f"{files['val']}: validation file is in {val_form} form, train in {self.form} form")
-        self.datasets = {"train": [self._encode(w, r) for w, r in train], "val": [self._encode(w, r) for w, r in val]}
+        self.datasets = {"train": train, "val": val}
         if files["sft"] is not None:
-            self.datasets["sft"] = [encode_chat(self.tokenizer, messages, self.hparams.sft_max_length, where)
-                                    for where, messages in read_instruction_file(files["sft"])]
+            sft = load_source(files["sft"], hp.cache_dir)
+            if len(sft) == 0:
+                raise DataError(f"{sft.name}: the file has no records (empty split)")
+            self.datasets["sft"] = encode_source(sft, self.tokenizer, hp.sft_max_length, num_proc=hp.num_proc,
+                                                 cache_dir=hp.cache_dir).select_columns(["input_ids", "labels"])
         if stage == "fit":
             self._check_batches(files)
         rank_zero_info(f"Verifiable QA data ({self.form} form): "
                        + ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items()))
+
+    def _encode(self, source: str | Path | DatasetSpec):
+        """``(form, rows)`` of one source: checked, rendered and tokenized once (cached by fingerprint)."""
+        hp = self.hparams
+        return encode_verifiable(load_source(source, hp.cache_dir), self.tokenizer, hp.max_prompt_length,
+                                 hp.system_prompt, hp.data_format, hp.columns, hp.num_proc, hp.cache_dir)
 
     def _check_batches(self, files: dict) -> None:
         """Incomplete rollout / warm-up batches are dropped, so fewer samples per device than a batch is no batch."""
@@ -246,17 +211,8 @@ class VerifiableQADataModule(L.LightningDataModule):
                                 "add data")
 
     def messages(self, question: str) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.hparams.system_prompt}] if self.hparams.system_prompt else []
-        return [*system, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-
-    def _encode(self, where: str, row: dict) -> dict:
-        messages = self.messages(row["question"])
-        ids = encode_prompt(self.tokenizer, messages, where)
-        if len(ids) > self.hparams.max_prompt_length:
-            raise DataError(f"{where}: the prompt is {len(ids)} tokens, more than max_prompt_length="
-                            f"{self.hparams.max_prompt_length}; raise it or shorten the question")
-        text = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        return {"prompt_ids": ids, "prompt": text, **{k: v for k, v in row.items() if k != "question"}}
+        """The chat ``question`` is asked in (with the ``system_prompt``), ending in the assistant's turn."""
+        return prompt_messages(question, self.hparams.system_prompt)
 
     def reward_fn(self) -> RewardFn:
         """The verifier of this data: the built-in reward named by ``reward`` (``auto`` picks by the file's form)."""

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.generated import generate_once, keyed_dir
 from datamodules.jsonl_records import DataError
-from datamodules.resumable_sampler import apply_seeded, resumable_sampler
+from datamodules.resumable_sampler import resumable_sampler
+from datamodules.xray_augment import sample_generator
 from datamodules.xray_transforms import RAND_AUGMENT, build_xray_transform, image_problem, load_xray
 
 
@@ -39,11 +40,13 @@ class XrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        """``key`` is an index, or ``(index, seed)`` from ``ResumableSampler(with_seeds=True)`` for training."""
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """``key`` is an index, or ``(index, entropy)`` from ``ResumableSampler(with_seeds=True)`` for training:
+        the sample's augmentation then draws from its own generator seeded by ``entropy`` (seed, epoch, index)."""
+        index, entropy = key if isinstance(key, tuple) else (key, None)
         record = self.records[index]
-        return {"image": apply_seeded(self.transform, load_xray(record.path), seed),
+        rng = sample_generator(*entropy) if entropy is not None else None
+        return {"image": self.transform(load_xray(record.path), rng),
                 "labels": torch.tensor(record.labels, dtype=torch.float32)}
 
 

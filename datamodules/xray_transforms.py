@@ -2,13 +2,16 @@
 
 Modes:
 - ``pretrain`` (MAE): RandomResizedCrop(scale 0.5-1.0) + horizontal flip (arXiv 2210.12843).
-- ``finetune``: RandomResizedCrop(scale 0.5-1.0) + flip + RandAugment ``rand-m6-mstd0.5-inc1`` (timm's
-  ``rand_augment_transform``, the policy string of the paper; no mixup/cutmix).
+- ``finetune``: RandomResizedCrop(scale 0.5-1.0) + flip + RandAugment ``rand-m6-mstd0.5-inc1`` (timm's policy
+  string and operations, the paper's; no mixup/cutmix).
 - ``eval``: resize the short side to ``image_size / crop_pct`` and center crop ``image_size``.
 
 Every image becomes one gray channel first (RGB/RGBA PNGs and 16-bit PNGs included; high bit depths are scaled
 by their real bit depth, see :func:`load_xray`); with ``in_chans=3`` the
 gray channel is replicated after augmentation, as the paper's code does for ImageNet-shaped encoders.
+
+The random steps draw from a generator passed per call (``transform(image, rng)``, see
+``datamodules.xray_augment``), never from a process-wide one.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from datamodules.jsonl_records import DataError
+from datamodules.xray_augment import RandAugment, RandomHorizontalFlip, RandomResizedCrop
 
 Mode = Literal["pretrain", "finetune", "eval"]
 RAND_AUGMENT = "rand-m6-mstd0.5-inc1"
@@ -122,10 +126,33 @@ class _ToChannels:
         return x if self.in_chans == 1 else x.expand(self.in_chans, -1, -1).contiguous()
 
 
+class XrayTransform:
+    """Gray PIL image to a normalized tensor: the random ``augment`` steps, each ``step(image, rng)``, then the
+    fixed ``finish`` steps (resize/crop for eval, tensorize, channels, normalize).
+
+    ``transform(image, rng)`` draws every random choice from ``rng`` (a ``numpy.random.Generator``), so the result
+    depends on the image and the generator only. Without ``rng`` one is seeded from torch's global generator,
+    so unseeded use stays reproducible under ``seed_everything`` (the training loaders always pass one).
+    """
+
+    def __init__(self, augment: list, finish: list) -> None:
+        self.augment, self.finish = augment, T.Compose(finish)
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        if self.augment and rng is None:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        for step in self.augment:
+            image = step(image, rng)
+        return self.finish(image)
+
+    def __repr__(self) -> str:
+        return f"XrayTransform(augment={self.augment}, finish={self.finish})"
+
+
 def build_xray_transform(mode: Mode, image_size: int = 224, in_chans: int = 1,
                          crop_scale: tuple[float, float] = (0.5, 1.0),
                          rand_augment: str | None = RAND_AUGMENT, crop_pct: float = 0.875,
-                         mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> T.Compose:
+                         mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> XrayTransform:
     """The transform of one mode, from a grayscale PIL image to a normalized ``(in_chans, S, S)`` tensor.
 
     Args:
@@ -133,7 +160,7 @@ def build_xray_transform(mode: Mode, image_size: int = 224, in_chans: int = 1,
         image_size: output side in pixels.
         in_chans: 1 (gray) or 3 (gray replicated).
         crop_scale: RandomResizedCrop area range of the training modes (paper: 0.5-1.0).
-        rand_augment: timm RandAugment policy for ``finetune``; ``None`` disables it.
+        rand_augment: timm RandAugment policy string for ``finetune``; ``None`` disables it.
         crop_pct: eval center crop as a share of the resized short side.
         mean / std: normalization; default ImageNet statistics (their channel mean for one channel).
     """
@@ -146,16 +173,15 @@ def build_xray_transform(mode: Mode, image_size: int = 224, in_chans: int = 1,
     if len(mean) != in_chans or len(std) != in_chans:
         raise ValueError(f"mean/std need {in_chans} value(s), got {mean} / {std}")
     bicubic = T.InterpolationMode.BICUBIC
+    augment: list = []
     if mode == "eval":
-        steps = [T.Resize(int(round(image_size / crop_pct)), interpolation=bicubic), T.CenterCrop(image_size)]
+        finish = [T.Resize(int(round(image_size / crop_pct)), interpolation=bicubic), T.CenterCrop(image_size)]
     else:
-        steps = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic),
-                 T.RandomHorizontalFlip()]
+        finish = []
+        augment = [RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic),
+                   RandomHorizontalFlip()]
         if mode == "finetune" and rand_augment:
-            from timm.data.auto_augment import rand_augment_transform
-
             # img_mean as an int: fill value for the single-channel image (timm's default is an RGB tuple).
-            steps.append(rand_augment_transform(rand_augment, {"translate_const": int(image_size * 0.45),
-                                                               "img_mean": 128}))
-    steps += [T.ToTensor(), _ToChannels(in_chans), T.Normalize(mean, std)]
-    return T.Compose(steps)
+            augment.append(RandAugment(rand_augment, {"translate_const": int(image_size * 0.45), "img_mean": 128}))
+    finish += [T.ToTensor(), _ToChannels(in_chans), T.Normalize(mean, std)]
+    return XrayTransform(augment, finish)

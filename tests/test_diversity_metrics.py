@@ -17,7 +17,7 @@ from datamodules.diversity import (
     write_crc_mix,
 )
 from datamodules.instruction_records import read_instruction_file
-from datamodules.verifiable_qa import read_verifiable_file
+from datamodules.verifiable_records import read_verifiable_file
 
 
 def test_distinct_n_by_hand():

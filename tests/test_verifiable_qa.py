@@ -6,7 +6,8 @@ import pytest
 
 from datamodules.jsonl_records import DataError
 from datamodules.rewards import GSM8KReward, QAExactMatch
-from datamodules.verifiable_qa import VerifiableQADataModule, read_verifiable_file
+from datamodules.verifiable_qa import VerifiableQADataModule
+from datamodules.verifiable_records import read_verifiable_file
 
 
 def write(path, records):
@@ -103,3 +104,43 @@ def test_unmatchable_reference_names_file_and_line(tmp_path, reference, match):
                                         {"question": "q", "answer": f"#### {reference}"}])
     with pytest.raises(DataError, match=r"r.jsonl:2: .*" + match):
         read_verifiable_file(path)
+
+
+def test_prompts_are_tokenized_once_memory_mapped_and_reused(tmp_path, monkeypatch):
+    from datamodules import instruction_records, verifiable_records
+
+    train = write(tmp_path / "t.jsonl", [{"question": f"What is {i}+1?", "answer": f"#### {i + 1}"} for i in range(20)])
+    sft = write(tmp_path / "sft.jsonl", [{"instruction": f"Add {i}", "output": str(i)} for i in range(8)])
+    settings = {"train_file": train, "sft_file": sft, "batch_size": 4, "cache_dir": str(tmp_path / "cache")}
+    first = VerifiableQADataModule(**settings)
+    first.setup()
+    assert all(first.datasets[split].cache_files for split in ("train", "val", "sft"))  # arrow files, not lists
+    first_batch = first.collate([first.datasets["train"][i] for i in range(3)])
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(verifiable_records, "_encode_rows", fail)
+    monkeypatch.setattr(instruction_records, "_encode_rows", fail)
+    again = VerifiableQADataModule(**settings)
+    again.setup()
+    assert again.form == "gsm8k"
+    for split in ("train", "val", "sft"):
+        assert again.datasets[split][:] == first.datasets[split][:], split
+    batch = again.collate([again.datasets["train"][i] for i in range(3)])
+    assert batch["prompts"] == first_batch["prompts"] and batch["answer"] == first_batch["answer"]
+    assert batch["prompt_input_ids"].equal(first_batch["prompt_input_ids"])
+    for changed in ({"system_prompt": "Be brief."}, {"max_prompt_length": 63}):
+        with pytest.raises(AssertionError, match="tokenized again"):
+            VerifiableQADataModule(**settings, **changed).setup()
+
+
+def test_a_row_in_another_form_is_an_error_naming_its_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": "q1", "answer": "#### 1", "answers": None}, {"question": "q2", "answer": None,
+                                                                      "answers": ["a"]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mixed.parquet")
+    with pytest.raises(DataError, match=r"mixed\.parquet row 1: record is in qa form but the file started in gsm8k"):
+        VerifiableQADataModule(train_file=str(tmp_path / "mixed.parquet"), cache_dir=str(tmp_path / "c")).setup()

@@ -2,6 +2,7 @@
 the global random state, and a run resumed mid-epoch with workers ends with the uninterrupted run's weights."""
 
 import random
+import time
 
 import lightning as L
 import numpy as np
@@ -11,7 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.run.exact_resume import ExactResume
 from datamodules.chestxray14 import ChestXray14DataModule
-from datamodules.resumable_sampler import apply_seeded, seeded_rng
+from datamodules.xray_augment import RandAugment, sample_generator
+from datamodules.xray_dataset import XrayDataset, XrayRecord
 from datamodules.xray_transforms import build_xray_transform
 from recipes.vit_classifier import ViTClassifierModule
 from tests.conftest import TINY_VIT_KWARGS, write_nih
@@ -27,7 +29,11 @@ def _gradient_image(seed: int = 0):
     return Image.fromarray(arr, "L")
 
 
-def test_seeded_transform_ignores_and_keeps_every_global_generator():
+def _global_states():
+    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()
+
+
+def test_augmentation_draws_from_its_generator_only():
     transform = build_xray_transform("finetune", 32)
     image = _gradient_image()
     outputs = []
@@ -35,27 +41,32 @@ def test_seeded_transform_ignores_and_keeps_every_global_generator():
         random.seed(salt)
         np.random.seed(salt)
         torch.manual_seed(salt)
-        before = (random.random(), np.random.random(), torch.rand(1).item())
-        random.seed(salt)
-        np.random.seed(salt)
-        torch.manual_seed(salt)
-        outputs.append(torch.stack([apply_seeded(transform, image, seed) for seed in range(12)]))
-        after = (random.random(), np.random.random(), torch.rand(1).item())
-        assert after == before, "a seeded transform must leave the global generators where they were"
+        before = _global_states()
+        outputs.append(torch.stack([transform(image, sample_generator(0, 0, k)) for k in range(12)]))
+        assert _global_states() == before, "augmentation must not touch the global generators"
     assert torch.equal(outputs[0], outputs[1])
-    assert len({tuple(x.flatten().tolist()) for x in outputs[0]}) == 12  # different seeds, different images
+    assert len({tuple(x.flatten().tolist()) for x in outputs[0]}) == 12  # different samples, different images
 
 
-def test_numpy_draws_inside_seeded_block_depend_on_the_seed_only():
-    np.random.seed(5)
-    with seeded_rng(7):
-        a = np.random.choice(100, 5)
-    np.random.seed(6)
-    with seeded_rng(7):
-        b = np.random.choice(100, 5)
-    with seeded_rng(8):
-        c = np.random.choice(100, 5)
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+def test_rand_augment_applies_each_operation_of_the_policy():
+    from PIL import Image
+
+    augment = RandAugment("rand-m9-mstd0.5-inc1-p1.0", {"translate_const": 14, "img_mean": 128})
+    image = Image.fromarray(np.random.default_rng(0).integers(60, 180, (48, 48), dtype=np.uint8), "L")
+    assert len(augment.ops) == 15
+    for op in augment.ops:
+        out = [augment._apply(op, image, sample_generator(k)) for k in range(4)]
+        assert all(o.size == image.size and o.mode == "L" for o in out), op.name
+        if op.name != "ColorIncreasing":  # saturation: nothing to change in a gray image
+            assert any(o.tobytes() != image.tobytes() for o in out), f"{op.name} left the image as it was"
+
+
+def test_rand_augment_refuses_an_operation_that_draws_from_global_state(monkeypatch):
+    from timm.data import auto_augment
+
+    monkeypatch.setattr(auto_augment, "_RAND_3A", ["GaussianBlurRand"])
+    with pytest.raises(ValueError, match="GaussianBlurRand"):
+        RandAugment("rand-m6-t3a", {"img_mean": 128})
 
 
 def _train_images(root, workers: int) -> torch.Tensor:
@@ -103,19 +114,36 @@ def test_resume_with_workers_matches_uninterrupted_run(tmp_path):
         assert torch.equal(value, resumed[name]), name
 
 
-def test_seeded_augmentation_from_threads_equals_loading_in_order():
-    import random
-    import time
+def test_loading_from_threads_in_any_order_equals_loading_in_order(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
+    from PIL import Image
 
-    def transform(_):
-        first = torch.rand(1).item()
-        time.sleep(0.001)  # let another thread run in between
-        return first, random.random(), float(np.random.rand())
-
-    in_order = [apply_seeded(transform, None, seed) for seed in range(32)]
-    with ThreadPoolExecutor(8) as pool:
-        threaded = list(pool.map(lambda seed: apply_seeded(transform, None, seed), range(32)))
-    assert threaded == in_order
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40), dtype=np.uint8), "L").save(paths[-1])
+    records = [XrayRecord(paths[i % 8], [0.0], str(i)) for i in range(192)]
+    dataset = XrayDataset(records, build_xray_transform("finetune", 32))
+    keys = [(i, (7, 2, i)) for i in range(192)]
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    before = _global_states()
+    in_order = [dataset[key]["image"] for key in keys]
+    assert _global_states() == before
+    # a bystander draws from the global generators while 8 threads load in a shuffled order: neither disturbs
+    # the other (the augmentation never seeds, reads or restores a process-wide generator)
+    expected = [random.random() for _ in range(2000)], np.random.rand(2000).tolist()
+    random.seed(0)
+    np.random.seed(0)
+    shuffled = list(range(192))
+    random.Random(1).shuffle(shuffled)
+    with ThreadPoolExecutor(9) as pool:
+        bystander = pool.submit(lambda: [(random.random(), time.sleep(0) or float(np.random.rand()))
+                                         for _ in range(2000)])
+        threaded = dict(zip(shuffled, pool.map(lambda k: dataset[keys[k]]["image"], shuffled), strict=True))
+        drawn = bystander.result()
+    assert all(torch.equal(threaded[k], in_order[k]) for k in range(192))
+    assert [d[0] for d in drawn] == expected[0] and [d[1] for d in drawn] == expected[1]
+    assert len({tuple(x.flatten().tolist()) for x in in_order}) > 150  # the 8 files are augmented differently

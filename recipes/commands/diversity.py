@@ -38,7 +38,7 @@ from datamodules.diversity import (
 )
 from datamodules.rewards import QAExactMatch
 from datamodules.tokenizer import require_chat_template
-from datamodules.verifiable_qa import read_verifiable_file
+from datamodules.verifiable_records import read_verifiable_file
 from recipes.commands.checks import CommandError, claim_output_dir
 from recipes.commands.restore import load_causal_lm
 
