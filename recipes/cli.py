@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import traceback
 import warnings
@@ -344,7 +345,10 @@ def run_lightning(subcommand: str | None, argv: list[str]) -> None:
     try:
         cli = RecipesCLI(args=args)
     except Preempted as err:
-        if rank_zero_only.rank == 0:
+        if rank_zero_only.rank == 0 and err.path is None:  # stopped before training: nothing new to resume from
+            print(f"Start it again with the same command:\n  {shlex.join(['python', '-m', 'recipes', *args])}",
+                  file=sys.stderr, flush=True)
+        elif rank_zero_only.rank == 0:
             print(f"Resume with:\n  {resume.resume_command(args, err.path)}\n"
                   "(or --ckpt_path auto, which picks the newest checkpoint of this run)", file=sys.stderr, flush=True)
         raise
