@@ -15,6 +15,7 @@ from datamodules.instruction_records import encode_source, split_once
 from datamodules.jsonl_records import DataError
 from datamodules.record_forms import DataFormat, check_format_args
 from datamodules.record_sources import DatasetSpec, load_source
+from datamodules.resumable_loader import data_loader
 from datamodules.resumable_sampler import resumable_sampler
 from datamodules.synthetic_tasks import TASKS, Format, write_synthetic_splits
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
@@ -167,7 +168,7 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(f"No {split} split: set {split}_file (or leave train_file unset for the synthetic tasks)")
         dataset, batch_size = self.datasets[split], self.hparams.batch_size
         sampler = resumable_sampler(dataset, self.trainer, batch_size, self.hparams.seed) if split == "train" else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
+        return data_loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
                           collate_fn=lambda b: collate_examples(b, self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:

@@ -145,8 +145,6 @@ class RecipesCLI(LightningCLI):
                 self.config[sub]["weights_only"] = False
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
-            if self.resume_plan.path:  # the data modules' samplers resume mid-epoch (datamodules.resumable_sampler)
-                warnings.filterwarnings("ignore", r"You're resuming from a checkpoint that ended before the epoch")
             if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints
                 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
 
