@@ -27,11 +27,12 @@ class RankStateDump(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         weights = {name: _jsonable(p) for name, p in pl_module.named_parameters()}
         # ExactResume holds the global random states, which differ per rank (Lightning seeds each rank);
-        # ModelCheckpoint holds file paths, which differ per run
+        # ModelCheckpoint holds file paths, which differ per run; RunConfigSaver holds the run's configuration,
+        # whose ckpt_path names the checkpoint a resumed run started from
         skip = (
             self,
             *trainer.checkpoint_callbacks,
-            *[cb for cb in trainer.callbacks if type(cb).__name__ == "ExactResume"],
+            *[cb for cb in trainer.callbacks if type(cb).__name__ in ("ExactResume", "RunConfigSaver")],
         )
         choices = {
             type(cb).__name__: _jsonable(cb.state_dict())

@@ -56,12 +56,13 @@ class SigtermInSanityCheck(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _lm_fit(root, callbacks, sanity_steps=0):
+def _lm_fit(root, callbacks, sanity_steps=0, preemption=None):
     data = InstructionDataModule(synthetic_dir=str(root / "syn"), synthetic_train_size=24, batch_size=2, seed=1)
     module = CausalLMModule(model_config=TINY_LM_CONFIG, exact_match_batches=0)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[*callbacks, PreemptionCheckpoint()],
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=3,
-                        num_sanity_val_steps=sanity_steps, default_root_dir=root)
+    callbacks = [*callbacks, preemption or PreemptionCheckpoint()]
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=callbacks, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=3, num_sanity_val_steps=sanity_steps,
+                        default_root_dir=root)
     trainer.fit(module, datamodule=data)
 
 
@@ -117,3 +118,17 @@ def test_the_cli_prints_the_same_command_when_nothing_was_saved(monkeypatch, cap
     err = capsys.readouterr().err
     assert "Start it again with the same command:\n  python -m recipes fit --config grpo.yaml --ckpt_path last" in err
     assert "Resume with" not in err
+
+
+def test_under_slurm_a_stop_before_training_requeues_the_job(tmp_path, monkeypatch, fatal_sigterm):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'called'}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with pytest.raises(Preempted) as info:
+        _lm_fit(tmp_path, [SigtermInSanityCheck()], sanity_steps=2, preemption=PreemptionCheckpoint(requeue=True))
+    assert info.value.requeued and "nothing was saved" in str(info.value) and "requeued" in str(info.value)
+    assert (tmp_path / "called").read_text().split() == ["requeue", "4242"]
