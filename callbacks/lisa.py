@@ -132,7 +132,8 @@ class LISA(BlockSwitching):
         return measure_on_first_batches(
             trainer, pl_module, self.importance_batches,
             lambda batches: mean_block_metric(pl_module, self.parts.blocks, batches, self.importance_metric,
-                                              "LISA(sampling='importance')"))
+                                              "LISA(sampling='importance')"),
+            "LISA's importance measurement")
 
     @override
     def draw(self, num_blocks: int) -> list[int]:

@@ -206,7 +206,7 @@ class OwLore(LISA):
         return measure_on_first_batches(
             trainer, pl_module, self.calibration_batches,
             lambda batches: outlier_scores(self.parts.blocks, batches, partial(forward_batch, pl_module),
-                                           self.outlier_threshold))
+                                           self.outlier_threshold), "OwLore's calibration")
 
     def probabilities(self) -> torch.Tensor:
         """p_l = D_l / sum_k D_k."""

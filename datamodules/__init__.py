@@ -17,6 +17,7 @@
 - ``synthetic_tasks`` / ``generated``: the built-in tasks and the folder generated defaults are written to once.
 - ``holdout``: a seeded validation share of a training file.
 - ``resumable_sampler``: a shuffling sampler that resumes mid-epoch identically on every rank.
+- ``resumable_loader``: the training loader over it, which Lightning sees is resumable mid-epoch.
 - ``diversity``: generation diversity metrics and the CRC proxy task.
 
 The data module classes are imported lazily, so a YAML only imports what it uses.

@@ -16,6 +16,7 @@ from datamodules.jsonl_records import DataError
 from datamodules.packing import PackedDataset, collate_packed
 from datamodules.record_forms import DataFormat, check_format_args
 from datamodules.record_sources import DatasetSpec, load_source
+from datamodules.resumable_loader import data_loader
 from datamodules.resumable_sampler import resumable_sampler
 from datamodules.synthetic_tasks import TASKS, Format, write_synthetic_splits
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer, require_chat_template
@@ -177,8 +178,8 @@ class InstructionDataModule(L.LightningDataModule):
         dataset, batch_size = self.datasets[split], self.hparams.batch_size
         sampler = resumable_sampler(dataset, self.trainer, batch_size, self.hparams.seed) if split == "train" else None
         collate = collate_packed if isinstance(dataset, PackedDataset) else collate_examples
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
-                          collate_fn=lambda b: collate(b, self.tokenizer.pad_token_id))
+        return data_loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
+                           collate_fn=lambda b: collate(b, self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -28,6 +28,7 @@ from datamodules.holdout import holdout_indices
 from datamodules.instruction_records import tokenizer_fingerprint
 from datamodules.jsonl_records import DataError
 from datamodules.record_sources import quiet_progress
+from datamodules.resumable_loader import data_loader
 from datamodules.resumable_sampler import resumable_sampler
 from datamodules.synthetic_tasks import TASKS, make_problems
 from datamodules.tokenizer import CHAR_TOKENIZER, load_tokenizer
@@ -223,8 +224,8 @@ class TextCorpusDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         dataset, batch_size = self.datasets[split], self.hparams.batch_size
         sampler = resumable_sampler(dataset, self.trainer, batch_size, self.hparams.seed) if split == "train" else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
-                          collate_fn=collate_blocks)
+        return data_loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.hparams.num_workers,
+                           collate_fn=collate_blocks)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -20,6 +20,7 @@ from datamodules.generated import generate_once, keyed_dir
 from datamodules.instruction_records import encode_source, split_once
 from datamodules.jsonl_records import DataError
 from datamodules.record_sources import DatasetSpec, load_source
+from datamodules.resumable_loader import data_loader
 from datamodules.resumable_sampler import resumable_sampler
 from datamodules.rewards import BUILTIN_REWARDS, RewardFn
 from datamodules.synthetic_tasks import TASKS, make_problems
@@ -239,8 +240,8 @@ class VerifiableQADataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         # the RL prompts' order is seeded per epoch, identical on every rank and resumable mid-epoch
         sampler = resumable_sampler(dataset, self.trainer, batch_size, self.hparams.seed) if split == "train" else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
-                          drop_last=shuffle, num_workers=self.hparams.num_workers, collate_fn=collate)
+        return data_loader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
+                           drop_last=shuffle, num_workers=self.hparams.num_workers, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.hparams.batch_size, True, self.collate)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.generated import generate_once, keyed_dir
 from datamodules.jsonl_records import DataError
+from datamodules.resumable_loader import data_loader
 from datamodules.resumable_sampler import resumable_sampler
 from datamodules.xray_augment import sample_generator
 from datamodules.xray_transforms import RAND_AUGMENT, build_xray_transform, image_problem, load_xray
@@ -181,9 +182,9 @@ class XrayDataModule(L.LightningDataModule):
         # training order: seeded per epoch, identical on every rank, resumable mid-epoch
         sampler = resumable_sampler(dataset, self.trainer, self.batch_size, self.hparams.get("seed", 0),
                                     with_seeds=True) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=shuffle and len(self.splits[split]) > self.batch_size,
-                          persistent_workers=self.num_workers > 0)
+        return data_loader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                           drop_last=shuffle and len(self.splits[split]) > self.batch_size,
+                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import traceback
 import warnings
@@ -145,8 +146,6 @@ class RecipesCLI(LightningCLI):
                 self.config[sub]["weights_only"] = False
             for note in self.resume_plan.notes:
                 rank_zero_info(note)
-            if self.resume_plan.path:  # the data modules' samplers resume mid-epoch (datamodules.resumable_sampler)
-                warnings.filterwarnings("ignore", r"You're resuming from a checkpoint that ended before the epoch")
             if self.resume_plan.version:  # continuing in its own folder, which of course holds checkpoints
                 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty")
 
@@ -349,7 +348,10 @@ def run_lightning(subcommand: str | None, argv: list[str]) -> None:
     try:
         cli = RecipesCLI(args=args)
     except Preempted as err:
-        if rank_zero_only.rank == 0:
+        if rank_zero_only.rank == 0 and err.path is None:  # stopped before training: nothing new to resume from
+            print(f"Start it again with the same command:\n  {shlex.join(['python', '-m', 'recipes', *args])}",
+                  file=sys.stderr, flush=True)
+        elif rank_zero_only.rank == 0:
             print(f"Resume with:\n  {resume.resume_command(args, err.path)}\n"
                   "(or --ckpt_path auto, which picks the newest checkpoint of this run)", file=sys.stderr, flush=True)
         raise

@@ -7,7 +7,7 @@ rank, and turn them into weights for drawing ``n_layers`` blocks without replace
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -15,13 +15,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from callbacks.core.layer_stats import first_training_batches, forward_batch, measuring, probe_blocks, token_mask
+from callbacks.run.preemption import stop_if_preempted
 
 
 def measure_on_first_batches(trainer: L.Trainer, pl_module: L.LightningModule, batches: int,
-                             measure: Callable[[Iterable], list[float]]) -> list[float]:
-    """``measure(first training batches)`` in the measuring context; every rank gets rank 0's values."""
+                             measure: Callable[[Iterable], list[float]], phase: str) -> list[float]:
+    """``measure(first training batches)`` in the measuring context; every rank gets rank 0's values. A
+    preemption signal stops the measurement (``phase``, named in the message) before its next batch."""
+    def checked() -> Iterator:
+        for batch in first_training_batches(trainer, batches):
+            stop_if_preempted(trainer, phase)
+            yield batch
+
     with measuring(pl_module):
-        values = measure(first_training_batches(trainer, batches))
+        values = measure(checked())
+    stop_if_preempted(trainer, phase)  # a signal during the last batch
     return trainer.strategy.broadcast(values, src=0)  # every rank samples with rank 0's measurement
 
 

@@ -17,12 +17,17 @@ class ExactResume(Callback):
     them when training restarts, so dropout masks, rollout sampling, MAE masks and anything else drawn from them
     repeat exactly. Lightning does not do this itself. The data order is restored by the data modules' sampler
     (``datamodules.resumable_sampler``).
+
+    A fit's validation runs on a fork of the random states: what it draws (MAE's masks, sampled generations) does
+    not shift the training stream. So the training is the same whether a validation ran at that step or not, as
+    for a run resumed from a save taken just before (or during) a validation, which does not repeat it.
     """
 
     def __init__(self) -> None:
         self._pending_rng: dict[str, Any] | None = None
         self._after_last_batch: dict[str, Any] | None = None  # the states when the last training batch ended
         self._validating = False
+        self._before_validation: dict[str, Any] | None = None
 
     @staticmethod
     def _current() -> dict[str, Any]:
@@ -49,10 +54,14 @@ class ExactResume(Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._validating = True
+            self._before_validation = self._current()
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validating = False
+        if self._before_validation is not None:  # training goes on from the states it left
+            state, self._before_validation = self._before_validation, None
+            self._apply(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_rng = state_dict  # applied when training restarts, after setup has drawn what it draws
@@ -62,6 +71,10 @@ class ExactResume(Callback):
         if self._pending_rng is None:
             return
         state, self._pending_rng = self._pending_rng, None
+        self._apply(state)
+
+    @staticmethod
+    def _apply(state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
         random.setstate(state["random"])
         name, keys, pos, has_gauss, gauss = state["numpy"]

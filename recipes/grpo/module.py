@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from callbacks.core.modes import dropout_off
 from callbacks.core.policy_tokens import PolicyTokens
+from callbacks.run.preemption import stop_if_preempted
 from datamodules.rewards import RewardFn, compute_rewards
 from datamodules.tokenizer import load_tokenizer
 from recipes.checkpoints import CheckpointError, record_module_class
@@ -215,7 +216,8 @@ class GRPOModule(L.LightningModule):
         check_sequence_budget(self.model, getattr(data, "datasets", {}),
                               max(hp.max_new_tokens, hp.val_max_new_tokens or 0), hp.sft_steps)
         if hp.sft_steps > 0 and not self._warmup_done:
-            sft_warmup(self.model, data.sft_dataloader(), hp.sft_steps, hp.sft_lr, self.device)
+            sft_warmup(self.model, data.sft_dataloader(), hp.sft_steps, hp.sft_lr, self.device,
+                       before_step=lambda: stop_if_preempted(self.trainer, "GRPO's SFT warm-up"))
         self._warmup_done = True
         if hp.kl_coef > 0 and not self._reference:
             self._reference.append(self._initial_policy())

@@ -3,6 +3,8 @@ first rollout, so that a base model starts out writing answers the verifier can 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -10,9 +12,11 @@ from torch.utils.data import DataLoader
 from callbacks.run.finite_loss import NonFiniteLossError
 
 
-def sft_warmup(model: torch.nn.Module, loader: DataLoader, steps: int, lr: float, device: torch.device) -> list[float]:
+def sft_warmup(model: torch.nn.Module, loader: DataLoader, steps: int, lr: float, device: torch.device,
+               before_step: Callable[[], None] | None = None) -> list[float]:
     """``steps`` AdamW steps (fixed ``lr``, gradient norm clipped to 1) over ``loader``, cycling; returns the losses.
-    The model trains in the modes it has (the recipes build it in train mode).
+    The model trains in the modes it has (the recipes build it in train mode). ``before_step`` runs before every
+    step and may raise to stop the warm-up there (a preemption signal: :func:`stop_if_preempted`).
 
     Stops with ``NonFiniteLossError`` at the first non-finite loss, naming the step.
     """
@@ -24,6 +28,8 @@ def sft_warmup(model: torch.nn.Module, loader: DataLoader, steps: int, lr: float
     losses: list[float] = []
     while len(losses) < steps:
         for batch in loader:
+            if before_step is not None:
+                before_step()
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"], use_cache=False).loss
