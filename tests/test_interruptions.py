@@ -3,7 +3,7 @@ window or during validation, by a crash after a time-triggered save, or stopped 
 ends with the same weights, optimizer state, technique choices (the method callback's whole state: LISA/OwLore/BAdam
 blocks, layer-drop patterns) and ``metrics.csv`` rows (GRPO's rollouts and rewards among them) as the uninterrupted
 run, bitwise on the CPU, for ``accumulate_grad_batches`` 1 and 2, ``32-true`` / ``bf16-true`` and every recipe
-kind (LISA, OwLore with GaLore, BAdam, progressive layer drop, MAE, GRPO). A mid-epoch resume through the Python
+kind (LISA, OwLore with GaLore, BAdam, progressive layer drop, MAE, ViT, GRPO). A mid-epoch resume through the Python
 API does not warn that the dataloader is not resumable (``datamodules.resumable_loader``)."""
 
 import csv
@@ -23,7 +23,7 @@ from callbacks.run.periodic_checkpoint import PeriodicLastCheckpoint
 from callbacks.run.preemption import Preempted, PreemptionCheckpoint
 from datamodules.instruction import InstructionDataModule
 from recipes.causal_lm import CausalLMModule
-from tests.conftest import TINY_LM_CONFIG, TINY_VIT_KWARGS, grpo_data, grpo_module
+from tests.conftest import TINY_LM_CONFIG, TINY_VAL_AUROC, TINY_VIT_KWARGS, grpo_data, grpo_module
 
 TINY = {**TINY_LM_CONFIG, "attention_dropout": 0.1}  # dropout draws random numbers: resume must restore them
 STEPS, CUT = 6, 3  # optimizer steps of the whole run; where it is interrupted
@@ -74,6 +74,17 @@ def _mae(root):
     return module, data, None
 
 
+def _vit(root):
+    from datamodules import ChestXray14DataModule
+    from recipes.vit_classifier import ViTClassifierModule
+
+    data = ChestXray14DataModule(phantom_dir=str(root.parent / "nih"), phantom_patients=12, phantom_image_size=48,
+                                 image_size=32, batch_size=2)
+    module = ViTClassifierModule(model_name="vit_tiny_patch16_224", img_size=32, in_chans=1,
+                                 model_kwargs=TINY_VIT_KWARGS, warmup_steps=2, min_lr_ratio=1.0)  # drop path draws
+    return module, data, None
+
+
 RECIPES = {  # recipe kind -> (module, data module, the method callback or None)
     "lisa": lambda root: _causal_lm(root, LISA(n_layers=1, interval=2)),
     "owlore": lambda root: _causal_lm(root, OwLore(n_layers=1, interval=2, calibration_batches=1),
@@ -81,6 +92,7 @@ RECIPES = {  # recipe kind -> (module, data module, the method callback or None)
     "badam": lambda root: _causal_lm(root, BAdam(interval=2, order="random", seed=1)),
     "pld": lambda root: _causal_lm(root, ProgressiveLayerDrop(theta_bar=0.5, gamma=0.2)),
     "mae": _mae,
+    "vit": _vit,
     "grpo": lambda root: (grpo_module(num_generations=2, max_new_tokens=3), grpo_data(root.parent), None),
 }
 
@@ -152,6 +164,7 @@ def _full(tmp_path_factory, acc, precision, recipe):
     ("owlore", 2, "bf16-true", "signal_mid_window"), ("badam", 1, "32-true", "periodic_then_crash"),
     ("pld", 2, "32-true", "signal_in_validation"), ("mae", 1, "32-true", "signal_mid_window"),
     ("grpo", 1, "32-true", "signal_in_validation"),
+    pytest.param("vit", 2, "32-true", "periodic_then_crash", marks=TINY_VAL_AUROC),
 ])
 def test_interrupted_run_continues_exactly(tmp_path, tmp_path_factory, monkeypatch, recipe, acc, precision, kind):
     fit = partial(_fit, recipe=recipe)
