@@ -208,3 +208,37 @@ def test_a_failed_fit_leaves_nothing_on_the_model(tmp_path):
     assert [n for n, p in module.named_parameters() if not p.requires_grad] == []  # LISA's frozen blocks
     assert [n for n, m in module.named_modules() if "forward" in m.__dict__] == []  # layer-drop wrappers
     assert [n for n, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks] == []  # diagnostics
+
+
+def test_users_own_model_and_parquet_data_resume_exactly_after_a_signal(tmp_path, tmp_path_factory, monkeypatch,
+                                                                       model_zoo):
+    """The way a user runs it: a Qwen2-type model saved with ``save_pretrained`` (its own tokenizer and chat
+    template) loaded through ``model_path`` with gradient checkpointing, Alpaca records in a parquet file, LISA,
+    ``accumulate_grad_batches=2`` and ``bf16-true``; SIGTERM in the middle of a window, then resume."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datamodules.synthetic_tasks import make_problems
+
+    folder = model_zoo["qwen2"]
+    records = [{"instruction": p.question, "input": "", "output": p.answer} for p in make_problems(40, seed=7)]
+    parquet = tmp_path_factory.mktemp("users_data") / "alpaca.parquet"
+    pq.write_table(pa.Table.from_pylist(records), parquet)
+
+    def users_own(root):
+        data = InstructionDataModule(train_file=str(parquet), tokenizer=str(folder), batch_size=2, max_length=64,
+                                     val_fraction=0.2, seed=1)
+        module = CausalLMModule(model_path=str(folder), gradient_checkpointing=True, warmup_steps=2,
+                                min_lr_ratio=1.0, exact_match_batches=0)
+        return module, data, LISA(n_layers=1, interval=2)
+
+    monkeypatch.setitem(RECIPES, "users_own", users_own)
+    acc, precision = 2, "bf16-true"
+    full = _fit(tmp_path / "full", STEPS, acc, precision, recipe="users_own")
+    assert full["rows"] and not any(w.dtype == torch.float32 for w in full["weights"].values())
+    with pytest.raises(Preempted):
+        _fit(tmp_path / "cut", STEPS, acc, precision, recipe="users_own",
+             interrupt=Interrupt(CUT * acc - acc, "signal"))  # after the first micro-batch of step CUT's window
+    last = tmp_path / "cut" / "csv" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == CUT
+    _assert_same(full, _fit(tmp_path / "resumed", STEPS, acc, precision, ckpt_path=last, recipe="users_own"))
