@@ -200,6 +200,21 @@ class MetricLog(L.Callback):
         self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
+def write_sft_checkpoint(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A seeded random-init ``CausalLMModule`` saved as a Lightning checkpoint (GSM8K-form synthetic data, char
+    tokenizer), as GRPO's ``sft_checkpoint`` reads it; returns its path and the model's weights."""
+    from recipes.causal_lm import CausalLMModule
+
+    torch.manual_seed(1)
+    sft = CausalLMModule(model_config=TINY_LM_CONFIG, tokenizer_name="char")
+    sft.configure_model()
+    path = tmp_path / "sft.ckpt"
+    torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams),
+                "datamodule_hyper_parameters": {"train_file": None, "synthetic_format": "gsm8k", "tokenizer": "char"}},
+               path)
+    return path, sft.model.state_dict()
+
+
 def grpo_data(tmp_path, **kwargs) -> VerifiableQADataModule:
     return VerifiableQADataModule(synthetic_dir=str(tmp_path / "syn"), synthetic_sft_size=32, synthetic_train_size=16,
                                   synthetic_val_size=4, batch_size=2, sft_batch_size=8, **kwargs)

@@ -6,11 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from recipes.causal_lm import CausalLMModule
 from recipes.grpo import GRPOModule
 from recipes.resume import check_resume
 from tests.conftest import TINY_LM_CONFIG as TINY
-from tests.conftest import grpo_data, grpo_module
+from tests.conftest import grpo_data, grpo_module, write_sft_checkpoint
 
 
 def _trainer(root, steps):
@@ -46,19 +45,8 @@ def test_kl_reference_after_resume_is_the_initial_policy_not_the_resumed_one(tmp
         assert torch.equal(reference[name], value), name
 
 
-def _sft_checkpoint(tmp_path):
-    torch.manual_seed(1)
-    sft = CausalLMModule(model_config=TINY, tokenizer_name="char")
-    sft.configure_model()
-    path = tmp_path / "sft.ckpt"
-    torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams),
-                "datamodule_hyper_parameters": {"train_file": None, "synthetic_format": "gsm8k", "tokenizer": "char"}},
-               path)
-    return path
-
-
 def test_a_run_from_sft_checkpoint_keeps_the_given_settings_and_passes_its_own_resume_rule(tmp_path):
-    sft = _sft_checkpoint(tmp_path)
+    sft, _ = write_sft_checkpoint(tmp_path)
     given = {"sft_checkpoint": str(sft), "model_config": None, "num_generations": 2, "max_new_tokens": 4}
     m = GRPOModule(**given)
     trainer = _trainer(tmp_path, 1)

@@ -6,22 +6,11 @@ import pytest
 import torch
 
 import recipes.grpo.module as grpo_module
-from recipes.causal_lm import CausalLMModule
 from recipes.checkpoints import CheckpointError
 from recipes.grpo import GRPOModule
 from tests.conftest import TINY_LM_CONFIG as TINY
 from tests.conftest import grpo_data as data
-
-
-def _sft_checkpoint(tmp_path):
-    torch.manual_seed(1)
-    sft = CausalLMModule(model_config=TINY, tokenizer_name="char")
-    sft.configure_model()
-    path = tmp_path / "sft.ckpt"
-    torch.save({"state_dict": sft.state_dict(), "hyper_parameters": dict(sft.hparams),
-                "datamodule_hyper_parameters": {"train_file": None, "synthetic_format": "gsm8k", "tokenizer": "char"}},
-               path)
-    return path, sft.model.state_dict()
+from tests.conftest import write_sft_checkpoint
 
 
 def _trainer(root, steps, **kwargs):
@@ -41,7 +30,7 @@ class WeightsAtFitStart(L.Callback):
 
 
 def test_fit_starts_from_the_sft_weights_and_resumes_without_the_file(tmp_path, monkeypatch):
-    sft_path, sft_state = _sft_checkpoint(tmp_path)
+    sft_path, sft_state = write_sft_checkpoint(tmp_path)
     warmups = []
     real_warmup = grpo_module.sft_warmup
     monkeypatch.setattr(grpo_module, "sft_warmup", lambda *a, **k: warmups.append(1) or real_warmup(*a, **k))
