@@ -19,6 +19,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from callbacks.core.modes import eval_mode
+
 METRICS = ("block_influence", "contribution")
 
 
@@ -66,19 +68,13 @@ def measuring(module: nn.Module, seed: int | None = None, cuda: bool = False) ->
             draws at random in eval mode (MAE masking) draws alike at every measurement.
         cuda: fork (and seed) the current CUDA device's random state too.
     """
-    modes = {sub: sub.training for sub in module.modules()}
     devices = [torch.cuda.current_device()] if cuda else []
-    module.eval()
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            if seed is not None:
-                torch.random.default_generator.manual_seed(seed)
-                if devices:
-                    torch.cuda.manual_seed(seed)  # the current device only: the one fork_rng restores
-            yield
-    finally:
-        for sub, training in modes.items():
-            sub.training = training
+    with eval_mode(module), torch.random.fork_rng(devices=devices), torch.no_grad():
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            if devices:
+                torch.cuda.manual_seed(seed)  # the current device only: the one fork_rng restores
+        yield
 
 
 def _has_forward(module: nn.Module) -> bool:
