@@ -135,6 +135,7 @@ def run_variant(name: str, args: argparse.Namespace, batches: list[dict], peak: 
     class StepClock(L.Callback):
         def on_train_start(self, trainer, pl_module):
             self.params = matmul_parameters(pl_module.model)
+            self.attention = getattr(pl_module.model.config, "_attn_implementation", None)
             ends.append(now())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -156,8 +157,9 @@ def run_variant(name: str, args: argparse.Namespace, batches: list[dict], peak: 
     flops = (6 * clock.params * tokens + sum(b["attention_flops"] for b in timed) / per_step)
     return {"variant": name, "method": method, "compile": compiled, "step_s": round(step, 4),
             "first_step_s": round(times[0], 2), "tokens_per_step": round(tokens),
-            "tokens_per_s": round(tokens / step, 1), "model_tflops_per_step": round(flops / 1e12, 2),
+            "tokens_per_s": round(tokens / step, 1), "model_flops_per_step": float(f"{flops:.4g}"),
             "mfu": round(flops / step / peak, 4) if peak else None, "matmul_params": clock.params,
+            "attention": clock.attention,
             "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None}
 
 
