@@ -8,9 +8,9 @@ a failed or timed-out one prints its error instead), then a markdown table of th
 open goals run first (the headline: 3B full fine-tuning at >= 35% MFU), the checks whose figures are already
 recorded last, and a whole-run ``--deadline`` (450 s by default, so the call stays under 8 minutes) trims or skips
 the last ones: one call of the device tool always returns figures (``--only`` picks the rest for another call).
-Needs only torch, lightning, transformers, timm and peft (no jsonargparse, wandb, datasets or network): the
-recipes' modules and callbacks are used directly with a plain ``lightning.Trainer`` or plain loops, never
-through ``recipes.cli``.
+Needs only torch, lightning, transformers, timm and peft (no jsonargparse, wandb, trl or network; the GRPO checks
+also need datasets, which ``recipes.grpo`` imports): the recipes' modules and callbacks are used directly with a
+plain ``lightning.Trainer`` or plain loops, never through ``recipes.cli``.
 
 Measurements: supervised fine-tuning throughput at the Llama-3.2-3B and -1B shapes (``sft_throughput.py``: packed
 rows of 1024 tokens, 8,192 token positions per optimizer step, bf16-true; full, LoRA r16 and LISA, each eager and
