@@ -113,10 +113,13 @@ def run_variant(name: str, args: argparse.Namespace, batches: list[dict], peak: 
             return {"variant": name, "error": "compile switch not available"}
         kwargs["compile"] = True
     cuda = args.device == "cuda"
+    if "torch._dynamo" in sys.modules:  # compiled code of an earlier variant holds on to its model
+        torch._dynamo.reset()
     gc.collect()
-    if cuda:
+    if cuda:  # what an earlier variant left allocated is in the base and not counted
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
     config = {"model_type": "llama", "hidden_size": args.hidden, "intermediate_size": args.mlp,
               "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
               "num_key_value_heads": args.kv_heads, "max_position_embeddings": args.max_length,
@@ -160,7 +163,7 @@ def run_variant(name: str, args: argparse.Namespace, batches: list[dict], peak: 
             "tokens_per_s": round(tokens / step, 1), "model_flops_per_step": float(f"{flops:.4g}"),
             "mfu": round(flops / step / peak, 4) if peak else None, "matmul_params": clock.params,
             "attention": clock.attention,
-            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None}
+            "peak_gb": round((torch.cuda.max_memory_allocated() - base) / 1e9, 2) if cuda else None}
 
 
 def main() -> None:

@@ -146,14 +146,15 @@ def test_summary_rows_and_goals_of_the_new_checks():
     assert "| mae_speed | compiled: MAE step / full-token MAE step | 0.32 | <= 0.35 |" in table
 
 
-def test_a_timed_out_sft_run_keeps_its_finished_variants_by_name():
+def test_a_failed_sft_run_keeps_its_finished_variants_by_name():
     """The compiled and eager runs of one method are told apart by their variant name."""
     lines = [{"variant": "full_compile", "method": "full", "tokens_per_s": 9.0, "step_s": 1.0, "mfu": None,
               "peak_gb": None}, {"variant": "full", "method": "full", "tokens_per_s": 5.0, "step_s": 2.0,
                                  "mfu": None, "peak_gb": None}]
     code = "".join(f"print('RESULT ' + {json.dumps(x)!r}, flush=True)\n" for x in lines)
-    code += "import time\ntime.sleep(60)\n"
-    result = gpu_check.run_check("sft_throughput_3b", [sys.executable, "-c", code], budget=5, env=dict(os.environ))
+    code += "raise SystemExit('CUDA out of memory')\n"  # the third variant fails the process
+    result = gpu_check.run_check("sft_throughput_3b", [sys.executable, "-c", code], budget=60, env=dict(os.environ))
+    assert result["error"].startswith("exit 1: CUDA out of memory")
     assert list(result["results"]) == ["full_compile", "full"]
     assert "| sft_throughput_3b | full_compile: tokens/s / step s / MFU / peak GB | 9 / 1.000 / - / - |" in \
         gpu_check.summary_table({"sft_throughput_3b": result})
