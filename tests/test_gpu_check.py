@@ -116,11 +116,15 @@ def test_summary_leaves_out_a_ratio_whose_denominator_is_zero():
     assert "LoRA peak" not in table
 
 
-def test_the_open_goals_run_first_on_the_gpu():
-    """A run cut short by its deadline still has the 3B MFU headline and the other open goals."""
+def test_the_open_goals_run_first_on_the_gpu_in_the_documented_order():
+    """A run cut short by its deadline still has the 3B MFU headline and the other open goals; real_scale.md says
+    the order the run uses."""
     gpu_run = set(gpu_check.script_checks(False)) | set(gpu_check.OWN_CHECKS)
     order = [name for name in gpu_check.ORDER if name in gpu_run]
     assert order[:3] == ["sft_throughput_3b", "grpo_engines", "mae_speed"] and order[-1] == "fsdp_lisa"
+    page = " ".join((ROOT / "docs" / "real_scale.md").read_text().split())
+    sentence = page.split("those already recorded last, in this order: ", 1)[1].split(". ", 1)[0]
+    assert sentence.replace("`", "").split(", ") == order
 
 
 def test_summary_rows_and_goals_of_the_new_checks():
