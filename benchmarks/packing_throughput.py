@@ -23,20 +23,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets import Dataset  # noqa: E402
-
 from datamodules.chat_encoding import IGNORE_INDEX, collate_examples  # noqa: E402
 from datamodules.packing import PackedDataset, collate_packed  # noqa: E402
 from datamodules.tokenizer import build_char_tokenizer  # noqa: E402
 from recipes.causal_lm import CausalLMModule  # noqa: E402
 
 
-def examples(n: int, max_length: int, vocab: int, seed: int) -> Dataset:
-    """``n`` examples of token ids below ``vocab`` with log-normal lengths (median ``max_length / 4``), a third of
-    each masked as the prompt."""
-    g = torch.Generator().manual_seed(seed)
+def long_tailed_lengths(n: int, max_length: int, generator: torch.Generator) -> list[int]:
+    """``n`` example lengths from a log-normal distribution with median ``max_length / 4``, within 8..max_length
+    (the shape of real instruction data; ``gpu_check.py``'s SFT throughput check draws its examples here too)."""
     median = max_length / 4
-    lengths = (torch.randn(n, generator=g) * 0.8).exp().mul(median).round().clamp(8, max_length).long().tolist()
+    return (torch.randn(n, generator=generator) * 0.8).exp().mul(median).round().clamp(8, max_length).long().tolist()
+
+
+def examples(n: int, max_length: int, vocab: int, seed: int):
+    """``n`` examples (a ``datasets.Dataset``) of token ids below ``vocab`` with :func:`long_tailed_lengths`, a
+    third of each masked as the prompt."""
+    from datasets import Dataset  # imported here: the GPU machine's gpu_check imports this module without datasets
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = long_tailed_lengths(n, max_length, g)
     ids = [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lengths]
     labels = [[IGNORE_INDEX] * (k // 3) + x[k // 3:] for x, k in zip(ids, lengths, strict=True)]
     return Dataset.from_dict({"input_ids": ids, "labels": labels})

@@ -89,15 +89,24 @@ def test_render_writes_the_blocks_of_the_pages_and_leaves_the_rest(results, tmp_
                     "<!-- results: test_suite -->\n<!-- /results -->\n")
     (tmp_path / "results").mkdir()
     fsdp = {"only_sampled_blocks_moved": True, "state_within_trainable_bound": False}
-    lines = [_gpu_check_line("python benchmarks/gpu_check.py", "fsdp_lisa", **fsdp),
+    full = {"variant": "full_compile", "tokens_per_s": 21500.4, "step_s": 0.381, "mfu": 0.372, "peak_gb": 48.2}
+    sft = {"full_compile": full, "lisa_compile": {**full, "variant": "lisa_compile", "step_s": 0.2},
+           "lora": {"variant": "lora", "error": "exit 1: RuntimeError: CUDA out of memory"}}
+    lines = [_gpu_check_line("python benchmarks/gpu_check.py", "sft_throughput_3b", results=sft),
+             _gpu_check_line("python benchmarks/gpu_check.py", "fsdp_lisa", **fsdp),
              _gpu_check_line("python benchmarks/gpu_check.py --cpu-smoke", "grpo", generation_s=9.0,
                              logprob_passes_s=1.0, update_s=2.0, peak_gb=0.5)]
     (tmp_path / "results" / "gpu_check.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     results.render()
     text = page.read_text()
     assert text.startswith("Intro.\n\n<!-- results: gpu_check -->\nThe latest GPU run of `gpu_check.py`: "
-                           "`python benchmarks/gpu_check.py` on NVIDIA H200, 2026-01-02. Its checks took 10 s in all.")
+                           "`python benchmarks/gpu_check.py` on NVIDIA H200, 2026-01-02. Its checks took 20 s in all.")
     assert "| fsdp_lisa | only sampled blocks moved; state bounded | True; False | True; True |" in text
+    assert ("| sft_throughput_3b | full_compile: tokens/s / step s / MFU / peak GB | 21500 / 0.381 / 0.372 / 48.2 |"
+            in text)
+    assert "| sft_throughput_3b | full, packed + compiled: MFU | 0.372 | >= 0.35 at 3B |" in text
+    assert "| sft_throughput_3b | LISA step / full step (compiled) | 0.525 | <= 0.6 |" in text
+    assert "| sft_throughput_3b | lora: error | exit 1: RuntimeError: CUDA out of memory |  |" in text
     assert "old text" not in text and "| grpo |" not in text  # the CPU smoke run is not the GPU figures
     assert "\n\n<!-- /results -->\n\nOutro.\n" in text
     assert "No full run of the suite is recorded yet" in text

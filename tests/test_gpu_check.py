@@ -1,5 +1,6 @@
 """``benchmarks/gpu_check.py --cpu-smoke``: every GPU measurement runs at toy shapes, without jsonargparse/wandb/trl."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -12,6 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+import sft_throughput  # noqa: E402
+
+from recipes.causal_lm import CausalLMModule  # noqa: E402
+from recipes.mae_pretrain import MAEPretrainModule  # noqa: E402
+
+
+def _has_compile_switch(module_class) -> bool:
+    return "compile" in inspect.signature(module_class.__init__).parameters
 
 
 @pytest.mark.slow
@@ -19,7 +28,8 @@ def test_cpu_smoke_runs_every_check(tmp_path, capsys):
     out = tmp_path / "gpu.jsonl"
     results = gpu_check.main(["--cpu-smoke", "--out", str(out)])
     # the GPU run's layer_sampling_1b/_3b become one toy-shaped layer_sampling_smoke on the CPU
-    assert set(results) == {"layer_sampling_smoke", "layer_drop_speed", "mae_speed", "grpo", "fsdp_lisa"}
+    assert set(results) == {"layer_sampling_smoke", "layer_drop_speed", "mae_speed", "grpo", "fsdp_lisa",
+                            "sft_throughput_smoke", "grpo_engines"}
     errors = {name: r["error"] for name, r in results.items() if "error" in r}
     assert not errors, errors
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -30,13 +40,33 @@ def test_cpu_smoke_runs_every_check(tmp_path, capsys):
     assert set(results["layer_sampling_smoke"]["results"]) == {"full", "lora", "lisa", "lisa_frozen_embedding",
                                                                "owlore"}
     assert results["mae_speed"]["dtype"] == results["layer_drop_speed"]["dtype"] == "bfloat16"
-    assert "| check | figure | value | goal |" in capsys.readouterr().out
+    # the variants behind a switch (compile, rollout_engine) run where this checkout has it, else say it is missing
+    sft = results["sft_throughput_smoke"]["results"]
+    assert list(sft) == ["full_compile", "full", "lisa", "lora"]
+    for name, variant in sft.items():
+        if name.endswith("_compile") and not _has_compile_switch(CausalLMModule):
+            assert variant == {"variant": name, "error": "compile switch not available"}
+        else:
+            assert variant["tokens_per_s"] > 0 and variant["tokens_per_step"] == 128 and variant["mfu"] is None
+    compiled = results["mae_speed"]["compiled"]
+    assert (compiled["time_ratio"] > 0 if _has_compile_switch(MAEPretrainModule) else
+            compiled == {"variant": "compile", "error": "compile switch not available"})
+    engines = results["grpo_engines"]["results"]
+    assert engines["generate"]["completion_tokens_per_s"] > 0 and 0 < engines["generate"]["generation_share"] < 1
+    from rollout_timing import has_engine_switch
+
+    assert (engines["paged"]["completion_tokens_per_s"] > 0 if has_engine_switch() else
+            engines["paged"] == {"variant": "paged", "error": "rollout_engine switch not available"})
+    out = capsys.readouterr().out
+    assert "| check | figure | value | goal |" in out
+    assert "| grpo_engines | paged / generate completion tokens/s |" in out
 
 
 def test_the_gpu_run_makes_the_documented_checks():
     """docs/real_scale.md's table of checks names these; the GPU run makes exactly them."""
     gpu_run = set(gpu_check.script_checks(False)) | set(gpu_check.OWN_CHECKS)
-    assert gpu_run == {"layer_sampling_1b", "layer_sampling_3b", "layer_drop_speed", "mae_speed", "grpo", "fsdp_lisa"}
+    assert gpu_run == {"layer_sampling_1b", "layer_sampling_3b", "layer_drop_speed", "mae_speed", "grpo", "fsdp_lisa",
+                       "sft_throughput_1b", "sft_throughput_3b", "grpo_engines"}
 
 
 def test_smoke_environment_hides_the_packages_the_gpu_machine_lacks():
@@ -74,7 +104,7 @@ def test_only_names_an_unknown_check_is_an_error(capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--cpu-smoke", "--only", "grpo,mae"])
     err = capsys.readouterr().err
-    assert "--only: no check named mae; the checks are layer_sampling_smoke, layer_drop_speed" in err
+    assert "--only: no check named mae; the checks are sft_throughput_smoke, grpo_engines, mae_speed" in err
 
 
 def test_summary_leaves_out_a_ratio_whose_denominator_is_zero():
@@ -84,3 +114,74 @@ def test_summary_leaves_out_a_ratio_whose_denominator_is_zero():
     table = gpu_check.summary_table({"layer_sampling_smoke": {"check": "layer_sampling_smoke", "results": methods}})
     assert "| layer_sampling_smoke | lisa_frozen_embedding step time / full FT | 0.5 | <= 0.7 |" in table
     assert "LoRA peak" not in table
+
+
+def test_the_open_goals_run_first_on_the_gpu_in_the_documented_order():
+    """A run cut short by its deadline still has the 3B MFU headline and the other open goals; real_scale.md says
+    the order the run uses."""
+    gpu_run = set(gpu_check.script_checks(False)) | set(gpu_check.OWN_CHECKS)
+    order = [name for name in gpu_check.ORDER if name in gpu_run]
+    assert order[:3] == ["sft_throughput_3b", "grpo_engines", "mae_speed"] and order[-1] == "fsdp_lisa"
+    page = " ".join((ROOT / "docs" / "real_scale.md").read_text().split())
+    sentence = page.split("those already recorded last, in this order: ", 1)[1].split(". ", 1)[0]
+    assert sentence.replace("`", "").split(", ") == order
+
+
+def test_summary_rows_and_goals_of_the_new_checks():
+    full = {"variant": "full", "tokens_per_s": 20000.0, "step_s": 0.4, "mfu": 0.3, "peak_gb": 50.0}
+    sft = {"full_compile": {**full, "variant": "full_compile", "step_s": 0.3, "mfu": 0.4},
+           "full": full, "lisa": {**full, "variant": "lisa", "step_s": 0.2},
+           "lisa_compile": {"variant": "lisa_compile", "error": "compile switch not available"}}
+    engines = {"generate": {"completion_tokens_per_s": 2000.0, "generation_share": 0.9},
+               "paged": {"completion_tokens_per_s": 7000.0, "generation_share": 0.5}}
+    mae = {"batch": 256, "mae_step_s": 0.05, "full_token_step_s": 0.1, "time_ratio": 0.5, "counted_flop_ratio": 0.31,
+           "finetune_images_per_s": 3000.0, "compiled": {"mae_step_s": 0.032, "time_ratio": 0.32}}
+    table = gpu_check.summary_table({
+        "sft_throughput_3b": {"check": "sft_throughput_3b", "results": sft},
+        "grpo_engines": {"check": "grpo_engines", "results": engines, "paged_over_generate": 3.5},
+        "mae_speed": {"check": "mae_speed", **mae}})
+    assert "| sft_throughput_3b | full: tokens/s / step s / MFU / peak GB | 20000 / 0.400 / 0.3 / 50 |  |" in table
+    assert "| sft_throughput_3b | full, packed + compiled: MFU | 0.4 | >= 0.35 at 3B |" in table
+    assert "| sft_throughput_3b | LISA step / full step (eager) | 0.5 | <= 0.6 |" in table
+    assert "| sft_throughput_3b | lisa_compile: error | compile switch not available |  |" in table
+    assert "LISA step / full step (compiled)" not in table  # no compiled LISA figure to compare
+    assert "| grpo_engines | paged: generation / rollout step | 0.5 | <= 0.6 (paged) |" in table
+    assert "| grpo_engines | paged / generate completion tokens/s | 3.5 | >= 3 |" in table
+    assert "| mae_speed | compiled: MAE step / full-token MAE step | 0.32 | <= 0.35 |" in table
+
+
+def test_a_failed_sft_run_keeps_its_finished_variants_by_name():
+    """The compiled and eager runs of one method are told apart by their variant name."""
+    lines = [{"variant": "full_compile", "method": "full", "tokens_per_s": 9.0, "step_s": 1.0, "mfu": None,
+              "peak_gb": None}, {"variant": "full", "method": "full", "tokens_per_s": 5.0, "step_s": 2.0,
+                                 "mfu": None, "peak_gb": None}]
+    code = "".join(f"print('RESULT ' + {json.dumps(x)!r}, flush=True)\n" for x in lines)
+    code += "raise SystemExit('CUDA out of memory')\n"  # the third variant fails the process
+    result = gpu_check.run_check("sft_throughput_3b", [sys.executable, "-c", code], budget=60, env=dict(os.environ))
+    assert result["error"].startswith("exit 1: CUDA out of memory")
+    assert list(result["results"]) == ["full_compile", "full"]
+    assert "| sft_throughput_3b | full_compile: tokens/s / step s / MFU / peak GB | 9 / 1.000 / - / - |" in \
+        gpu_check.summary_table({"sft_throughput_3b": result})
+
+
+def test_packed_batches_count_tokens_and_attention_per_example():
+    args = sft_throughput.argparse.Namespace(layers=2, hidden=8, vocab=50, max_length=64, rows=3)
+    batches = sft_throughput.packed_batches(args, 2)
+    assert len(batches) == 2
+    for batch in batches:
+        assert batch["input_ids"].shape == (3, 64) and int(batch["num_tokens"].sum()) <= 3 * 64
+        squares = 0
+        for row, n in zip(batch["position_ids"].tolist(), batch["num_tokens"].tolist(), strict=True):
+            starts = [i for i in range(n) if row[i] == 0] + [n]
+            squares += sum((b - a) ** 2 for a, b in zip(starts, starts[1:], strict=False))
+        assert batch["attention_flops"] == 12 * 2 * 8 * squares
+
+
+def test_mfu_peak_is_the_cards_bf16_dense_figure(monkeypatch):
+    import torch
+
+    assert sft_throughput.peak_bf16_flops(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert sft_throughput.peak_bf16_flops(torch.device("cuda")) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert sft_throughput.peak_bf16_flops(torch.device("cuda")) == pytest.approx(989.4e12)
