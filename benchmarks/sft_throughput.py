@@ -16,8 +16,8 @@ with a deadline keeps the finished ones, and one JSON line follows.
 MFU is model FLOPs over the card's bf16 dense peak: 6 N per token (N the parameters that multiply, counted by
 ``callbacks.run.throughput.matmul_parameters`` as the dashboard's ``ThroughputLogger`` does, whatever is frozen)
 plus attention, 12 x layers x hidden x n per token of an example of n tokens (PaLM's term, within each packed
-example). The peak is Lightning's table (H100 SXM: 989 TFLOPS) or 989 TFLOPS for an H200 (Lightning lists the H200
-only under other names, with sparse figures); on the CPU there is no MFU (``null``).
+example). The peak is ``callbacks.run.throughput.peak_flops``, the dashboard's (dense figures: 989 TFLOPS for an
+H100 SXM or H200 in bf16); on the CPU there is no MFU (``null``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from packing_throughput import long_tailed_lengths  # noqa: E402
 
 VARIANTS = ("full_compile", "full", "lisa", "lisa_compile", "lora", "lora_compile")  # the headline first
-H200_BF16_DENSE = 989e12
 
 
 class ShapeTokenizer:
@@ -54,17 +53,6 @@ class ShapeTokenizer:
 
     def __len__(self) -> int:
         return self.vocab
-
-
-def peak_bf16_flops(device: torch.device) -> float | None:
-    """The card's bf16 dense peak in FLOP/s, or ``None`` (CPU, or a card Lightning does not know)."""
-    if device.type != "cuda":
-        return None
-    if "h200" in torch.cuda.get_device_name(device).lower():
-        return H200_BF16_DENSE
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    return get_available_flops(device, torch.bfloat16)
 
 
 def packed_batches(args: argparse.Namespace, count: int) -> list[dict]:
@@ -190,7 +178,9 @@ def main() -> None:
     if unknown := sorted(set(variants) - set(VARIANTS)):
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # the batches are made beforehand
-    peak = peak_bf16_flops(torch.device(args.device))
+    from callbacks.run.throughput import peak_flops
+
+    peak = peak_flops(torch.device(args.device), torch.bfloat16)
     batches = packed_batches(args, (args.warmup + args.steps) * args.accumulation)
     results = {}
     for name in variants:

@@ -177,11 +177,3 @@ def test_packed_batches_count_tokens_and_attention_per_example():
         assert batch["attention_flops"] == 12 * 2 * 8 * squares
 
 
-def test_mfu_peak_is_the_cards_bf16_dense_figure(monkeypatch):
-    import torch
-
-    assert sft_throughput.peak_bf16_flops(torch.device("cpu")) is None
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert sft_throughput.peak_bf16_flops(torch.device("cuda")) == 989e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert sft_throughput.peak_bf16_flops(torch.device("cuda")) == pytest.approx(989.4e12)

@@ -50,8 +50,37 @@ def test_a_packed_recipe_run_logs_throughput_and_no_mfu_on_the_cpu(tmp_path, cli
 
 
 def test_mfu_is_flops_per_second_over_the_peak(tmp_path, cli_argv, monkeypatch):
-    monkeypatch.setattr(throughput, "get_available_flops", lambda device, dtype: 1e9)
+    monkeypatch.setattr(throughput, "peak_flops", lambda device, dtype: 1e9)
     rows = [r for r in _run(tmp_path) if r.get("throughput/mfu")]
     assert len(rows) == 4
     for r in rows:
         assert float(r["throughput/mfu"]) == pytest.approx(float(r["throughput/flops_per_sec"]) / 1e9)
+
+
+@pytest.mark.parametrize(("name", "dtype", "peak"), [
+    ("NVIDIA H200", torch.bfloat16, 989.4e12),  # Lightning: unknown name
+    ("NVIDIA H200 NVL", torch.bfloat16, 835.5e12),  # Lightning: the sparse figure
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4e12),
+    ("NVIDIA H100", torch.float16, 989.4e12),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),  # Lightning's table
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+    ("Some Future GPU", torch.bfloat16, None),
+])
+def test_peak_flops_are_dense_peaks_by_card_name(monkeypatch, caplog, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    with caplog.at_level("INFO", logger=throughput.__name__):
+        assert throughput.peak_flops(torch.device("cuda", 0), dtype) == peak  # no warning (pytest: errors)
+    assert ("No peak FLOP/s known" in caplog.text) == (peak is None)
+
+
+def test_peak_flops_of_float32_follow_the_matmul_precision(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert throughput.peak_flops(torch.device("cuda"), torch.float32) == 67e12
+        torch.set_float32_matmul_precision("high")
+        assert throughput.peak_flops(torch.device("cuda"), torch.float32) == 494.7e12
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert throughput.peak_flops(torch.device("cpu"), torch.bfloat16) is None

@@ -9,8 +9,9 @@ only: validation inside ``fit`` is left out, data loading is in. Per step it cou
 - FLOPs: the usual estimate 6 x N x tokens for a training step (forward 2N, backward 4N; Kaplan et al. 2020), N
   the parameters that multiply (all but the token-embedding lookup, whatever is frozen: MFU is the model's
   FLOPs, so a method that skips work shows as a higher MFU, the share of wall-clock saved). The attention term
-  is left out (a few percent at 1-2k tokens). MFU divides by the device's peak for the precision used where
-  Lightning knows it (NVIDIA data-centre cards, TPUs); on the CPU or an unknown card there is no MFU.
+  is left out (a few percent at 1-2k tokens). MFU divides by the device's dense peak for the precision used
+  (``peak_flops``: Lightning's table, with our own dense Hopper figures); on the CPU or an unknown card there is no
+  MFU.
 
 Metrics: ``throughput/samples_per_sec``, ``throughput/tokens_per_sec``, ``throughput/flops_per_sec`` and
 ``throughput/mfu`` (each per device).
@@ -18,7 +19,9 @@ Metrics: ``throughput/samples_per_sec``, ``throughput/tokens_per_sec``, ``throug
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -27,6 +30,16 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+# Dense tensor-core peaks of Hopper cards in FLOP/s. NVIDIA's data sheets print the "with sparsity" figures, twice
+# these; Lightning's table lists the H200 (and H100 NVL) with the sparse ones and does not know every name a driver
+# reports ("NVIDIA H200", "NVIDIA H100"), so MFU on those cards would read half its value or be missing.
+_HOPPER_DENSE = {
+    "sxm": {torch.float32: 67e12, "tfloat32": 494.7e12, torch.bfloat16: 989.4e12, torch.float16: 989.4e12},
+    "nvl": {torch.float32: 60e12, "tfloat32": 417.5e12, torch.bfloat16: 835.5e12, torch.float16: 835.5e12},
+}
 
 _NAMES = {"device/samples_per_sec": "samples_per_sec", "device/items_per_sec": "tokens_per_sec",
           "device/flops_per_sec": "flops_per_sec", "device/mfu": "mfu"}
@@ -63,6 +76,27 @@ def matmul_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in lookups or id(p) in in_linear)
 
 
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense peak FLOP/s for matmuls in ``dtype`` (float32 counts as TF32 unless
+    ``torch.get_float32_matmul_precision()`` is "highest", as in Lightning), or ``None`` where unknown (the CPU, a
+    card in neither table: logged once at info level instead of Lightning's warning)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    hopper = "h200" in name or ("h100" in name and "pcie" not in name and "hbm2e" not in name)
+    if hopper:
+        row = _HOPPER_DENSE["nvl" if "nvl" in name else "sxm"]
+        if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+            return row["tfloat32"]
+        return row.get(dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="FLOPs not found")  # said once below, at info level
+        peak = get_available_flops(device, dtype)
+    if peak is None:
+        log.info("No peak FLOP/s known for %r: throughput/mfu is not logged", torch.cuda.get_device_name(device))
+    return peak
+
+
 def compute_dtype(precision: str | None) -> torch.dtype:
     """The matmul dtype of a Lightning precision setting (``bf16-mixed``, ``16-true``, ``32-true``...)."""
     precision = str(precision)
@@ -92,7 +126,7 @@ class ThroughputLogger(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        peak = get_available_flops(trainer.strategy.root_device, compute_dtype(trainer.precision))
+        peak = peak_flops(trainer.strategy.root_device, compute_dtype(trainer.precision))
         self._throughput = Throughput(available_flops=peak, world_size=1, window_size=self.window_size)
         self._parameters = matmul_parameters(pl_module)
         self._elapsed, self._counts = 0.0, [0, 0, 0]
