@@ -139,3 +139,12 @@ def test_grpo_fit_with_the_paged_engine(tmp_path):
     assert trainer.global_step == 2 and len(log.steps) == 2
     assert log.steps[-1]["grpo/completion_length"] > 0
     assert m.model.config._attn_implementation == "sdpa" and m.model.training
+
+
+def test_rollout_engine_is_not_a_defining_setting():
+    from recipes.resume import compare
+
+    saved = {"class_path": "recipes.GRPOModule", "rollout_engine": "generate", "rollout_memory_fraction": 0.5}
+    given = {"class_path": "recipes.GRPOModule", "rollout_engine": "paged", "rollout_memory_fraction": 0.3}
+    defining, changeable = compare(saved, given, "model")
+    assert defining == [] and len(changeable) == 2  # a resume may change them (listed, not refused)
