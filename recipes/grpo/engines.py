@@ -28,9 +28,10 @@ from callbacks.core.modes import eval_mode
 from recipes.grpo.loss import completion_mask
 
 ENGINES = ("generate", "generate_static", "paged")
-# what the paged engine passes to transformers (5.25 has all of them; older releases lack some)
+# what the paged engine passes to transformers (5.17 and 5.25 have all of them; the tokens of a cache block are its
+# ``page_size`` since 5.17 deprecated ``block_size``)
 _BATCH_ARGS = ("generation_config", "continuous_batching_config", "progress_bar")
-_CB_FIELDS = ("max_memory_percent", "num_blocks", "page_size")
+_CB_FIELDS = ("max_memory_percent", "num_blocks")
 # the continuous-batching package logs at info / warning level on every rollout (attention switches, cache sizes)
 _CB_LOGGER = "transformers.generation.continuous_batching"
 
@@ -48,7 +49,7 @@ def check_engine(engine: str, memory_fraction: float = 0.5) -> None:
             import transformers
 
             raise RuntimeError(f"rollout_engine='paged' needs transformers' continuous batching with {missing} "
-                               f"(transformers >= 5.25 has it; this is {transformers.__version__}); "
+                               f"(transformers 5.17 and later have it; this is {transformers.__version__}); "
                                "use rollout_engine='generate' or upgrade transformers")
 
 
@@ -71,7 +72,15 @@ def _paged_api_missing() -> str | None:
     for name in _CB_FIELDS:
         if name not in fields:
             return f"ContinuousBatchingConfig.{name}"
+    if not fields & {"page_size", "block_size"}:
+        return "ContinuousBatchingConfig.page_size"
     return None
+
+
+def _block_tokens(config_class: type) -> int:
+    """Tokens a KV-cache block holds by default: ``page_size`` (transformers 5.17+), else ``block_size``."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    return defaults.get("page_size", defaults.get("block_size"))
 
 
 def sampling_settings(temperature: float, top_p: float, greedy: bool = False) -> dict:
@@ -118,8 +127,8 @@ def _paged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, **sampling)
     # a cache as large as this rollout needs (every sequence at full length at once), within memory_fraction
-    cb = {"max_memory_percent": memory_fraction, "num_blocks": -(-sum(len(p) + max_new_tokens for p in prompts)
-                                                                 // ContinuousBatchingConfig.page_size) + 1}
+    blocks = -(-sum(len(p) + max_new_tokens for p in prompts) // _block_tokens(ContinuousBatchingConfig)) + 1
+    cb = {"max_memory_percent": memory_fraction, "num_blocks": blocks}
     if "seed" in {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}:
         cb["seed"] = int(torch.randint(2**31 - 1, ()))  # from the global generator: seeded runs repeat
     attention = model.config._attn_implementation
