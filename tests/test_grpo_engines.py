@@ -72,7 +72,8 @@ def test_paged_runs_on_the_policys_own_weights_and_gives_the_model_back_unchange
     params = {name: p.data_ptr() for name, p in model.named_parameters()}
     seen = []  # the weights the engine's forwards read
     embed = model.get_input_embeddings()
-    hook = embed.register_forward_pre_hook(lambda module, args: seen.append(module.weight.data_ptr()))
+    hook = embed.register_forward_pre_hook(lambda module, args: seen.append((module.weight.data_ptr(),
+                                                                             torch.is_grad_enabled())))
     batch = torch.randint(1, 64, (2, 6))
     torch.manual_seed(3)
     before = model(input_ids=batch).logits
@@ -80,7 +81,7 @@ def test_paged_runs_on_the_policys_own_weights_and_gives_the_model_back_unchange
     sample_completions(model, SimpleNamespace(eos_token_id=1, pad_token_id=PAD), ids, mask, 2, 6,
                        sampling_settings(1.0, 0.9), engine="paged")
     hook.remove()
-    assert seen and set(seen) == {params["model.embed_tokens.weight"]}  # no copy of the model
+    assert seen and set(seen) == {(params["model.embed_tokens.weight"], False)}  # no copy of the model, no grad
     assert {name: p.data_ptr() for name, p in model.named_parameters()} == params
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert model.config._attn_implementation == attention
