@@ -70,13 +70,13 @@ def test_paged_runs_on_the_policys_own_weights_and_gives_the_model_back_unchange
     modes = {name: m.training for name, m in model.named_modules()}
     attention = model.config._attn_implementation
     params = {name: p.data_ptr() for name, p in model.named_parameters()}
-    seen = []  # the weights the engine's forwards read
-    embed = model.get_input_embeddings()
-    hook = embed.register_forward_pre_hook(lambda module, args: seen.append((module.weight.data_ptr(),
-                                                                             torch.is_grad_enabled())))
     batch = torch.randint(1, 64, (2, 6))
     torch.manual_seed(3)
     before = model(input_ids=batch).logits
+    seen = []  # the weights the engine's forwards read, and whether they record a graph
+    embed = model.get_input_embeddings()
+    hook = embed.register_forward_pre_hook(lambda module, args: seen.append((module.weight.data_ptr(),
+                                                                             torch.is_grad_enabled())))
     ids, mask = _prompts()
     sample_completions(model, SimpleNamespace(eos_token_id=1, pad_token_id=PAD), ids, mask, 2, 6,
                        sampling_settings(1.0, 0.9), engine="paged")
