@@ -1,5 +1,6 @@
 """GRPO rollout engines (``recipes.grpo.engines``): ``paged`` (continuous batching) and ``generate_static`` give
-``generate``'s greedy completions token for token, on the policy's own weights, with modes, attention and training
+``generate``'s greedy completions token for token (Llama, Qwen2, Gemma 2 with a sliding window shorter than the
+sequences, GPT-2), on the policy's own weights, with modes, attention and training
 forwards unchanged after, a quiet console, clear errors, and a GRPO fit end to end."""
 
 import logging
@@ -19,7 +20,11 @@ _LM = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_attent
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**_LM, tie_word_embeddings=False),
     "qwen2": lambda: transformers.Qwen2Config(**_LM, tie_word_embeddings=False),
-    "gemma": lambda: transformers.GemmaConfig(**_LM, head_dim=16),
+    "gemma2": lambda: transformers.Gemma2Config(**_LM, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                                final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                                                tie_word_embeddings=False),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_head=2, n_layer=2, n_positions=64,
+                                            bos_token_id=1, eos_token_id=1, initializer_range=0.3),
 }
 PAD = 0
 
@@ -39,24 +44,24 @@ def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _eos_early(model) -> tuple[SimpleNamespace, int]:
-    """A tokenizer stand-in whose EOS is an early greedy token of the second prompt (the first one not seen before
-    in its completion), so that completion stops at once while others run on; and that completion's length."""
+def _eos_early(model) -> tuple[SimpleNamespace, int, int]:
+    """A tokenizer stand-in whose EOS is an early greedy token of one prompt (the first token of a completion not
+    seen before in it), so that completion stops at once while others run on; that prompt and its length."""
     ids, mask = _prompts()
     probe = SimpleNamespace(eos_token_id=63, pad_token_id=PAD)
     completion, _ = sample_completions(model, probe, ids, mask, 1, 8, {"do_sample": False})
-    row = completion[1].tolist()
-    j = next(j for j in range(1, len(row)) if row[j] not in row[:j])
-    return SimpleNamespace(eos_token_id=row[j], pad_token_id=PAD), j + 1
+    j, r = min((j, r) for r, row in enumerate(completion.tolist()) for j in range(1, len(row))
+               if row[j] not in row[:j])
+    return SimpleNamespace(eos_token_id=int(completion[r, j]), pad_token_id=PAD), r, j + 1
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_completions_equal_across_engines(family):
     model = _model(family)
-    tok, length = _eos_early(model)
+    tok, prompt, length = _eos_early(model)
     ids, mask = _prompts()
     ref, ref_mask = sample_completions(model, tok, ids, mask, 2, 10, {"do_sample": False})
-    assert ref_mask[2:4].sum(1).tolist() == [length, length]  # the second prompt's completions end at EOS early
+    assert ref_mask[2 * prompt:2 * prompt + 2].sum(1).tolist() == [length, length]  # ends at EOS early
     assert ref_mask.sum(1).max() > length
     for engine in ("generate_static", "paged"):
         completion, cmask = sample_completions(model, tok, ids, mask, 2, 10, {"do_sample": False}, engine=engine)
