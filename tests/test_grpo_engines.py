@@ -97,6 +97,20 @@ def test_paged_runs_on_the_policys_own_weights_and_gives_the_model_back_unchange
     after.sum().backward()
 
 
+def test_paged_under_mixed_precision_runs_in_the_weights_dtype():
+    """Lightning's autocast is thread-local: the generation thread runs the fp32 weights in fp32 (its KV cache has
+    the weights' dtype), so the completions equal those sampled without autocast."""
+    model = _model("llama")
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    ids, mask = _prompts()
+    tok = SimpleNamespace(eos_token_id=63, pad_token_id=PAD)
+    plain, _ = sample_completions(model, tok, ids, mask, 1, 6, {"do_sample": False}, engine="paged")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = sample_completions(model, tok, ids, mask, 1, 6, {"do_sample": False}, engine="paged")
+    assert torch.equal(plain, mixed) and set(seen) == {torch.float32}
+
+
 def test_paged_sampling_keeps_the_contract_and_repeats_under_a_seed(capsys, caplog):
     model = _model("qwen2")
     tok = SimpleNamespace(eos_token_id=3, pad_token_id=PAD)

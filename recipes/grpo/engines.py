@@ -147,10 +147,10 @@ def _paged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_id
         if model.config._attn_implementation != attention:
             model.set_attn_implementation(attention)
     outputs = list(results.values())
-    failed = [o.request_id for o in outputs if o.error is not None]
-    if len(outputs) != len(prompts) or failed:
-        raise RuntimeError(f"the paged rollout engine returned {len(outputs)} of {len(prompts)} completions "
-                           f"(failed: {failed or 'none'}); rollout_engine='generate' avoids continuous batching")
+    errors = sorted({o.error for o in outputs if o.error is not None})
+    if len(outputs) != len(prompts) or errors:
+        raise RuntimeError(f"the paged rollout engine finished {len(outputs) - len(errors)} of {len(prompts)} "
+                           f"completions (errors: {errors or 'none'}); rollout_engine='generate' avoids it")
     width = max(1, max(len(o.generated_tokens) for o in outputs))
     completion = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
     for i, o in enumerate(outputs):
