@@ -32,8 +32,9 @@ ENGINES = ("generate", "generate_static", "paged")
 # ``page_size`` since 5.17 deprecated ``block_size``)
 _BATCH_ARGS = ("generation_config", "continuous_batching_config", "progress_bar")
 _CB_FIELDS = ("max_memory_percent", "num_blocks")
-# the continuous-batching package logs at info / warning level on every rollout (attention switches, cache sizes)
-_CB_LOGGER = "transformers.generation.continuous_batching"
+# continuous batching logs warnings on ordinary rollouts (an attention switch, a dropped logits processor) to its own
+# console handler (``ContinuousBatchingLogger``, not propagated); the modules' own loggers are kept quiet too
+_CB_LOGGERS = ("ContinuousBatchingLogger", "transformers.generation.continuous_batching")
 
 
 def check_engine(engine: str, memory_fraction: float = 0.5) -> None:
@@ -133,7 +134,7 @@ def _paged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_id
         cb["seed"] = int(torch.randint(2**31 - 1, ()))  # from the global generator: seeded runs repeat
     attention = model.config._attn_implementation
     try:
-        with _quiet(_CB_LOGGER):
+        with _quiet(*_CB_LOGGERS):
             try:
                 results = _generate_batch(model, prompts, config, ContinuousBatchingConfig(**cb))
             except MemoryError:  # the whole rollout does not fit at once: the largest cache within memory_fraction
@@ -147,10 +148,11 @@ def _paged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_id
         if model.config._attn_implementation != attention:
             model.set_attn_implementation(attention)
     outputs = list(results.values())
-    errors = sorted({o.error for o in outputs if o.error is not None})
-    if len(outputs) != len(prompts) or errors:
-        raise RuntimeError(f"the paged rollout engine finished {len(outputs) - len(errors)} of {len(prompts)} "
-                           f"completions (errors: {errors or 'none'}); rollout_engine='generate' avoids it")
+    failed = [o for o in outputs if o.error is not None]
+    if len(outputs) != len(prompts) or failed:
+        errors = sorted({o.error for o in failed}) or "none"
+        raise RuntimeError(f"the paged rollout engine finished {len(outputs) - len(failed)} of {len(prompts)} "
+                           f"completions (errors: {errors}); rollout_engine='generate' avoids it")
     width = max(1, max(len(o.generated_tokens) for o in outputs))
     completion = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
     for i, o in enumerate(outputs):
@@ -164,12 +166,14 @@ def _generate_batch(model: torch.nn.Module, prompts: list[list[int]], config: Ge
 
 
 @contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Only errors of the logger ``name`` (and its children) reach the console inside; its level back after."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet(*names: str) -> Iterator[None]:
+    """Only errors of the loggers ``names`` (and their children) reach the console inside; their levels back after."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
