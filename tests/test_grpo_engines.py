@@ -172,3 +172,12 @@ def test_rollout_engine_is_not_a_defining_setting():
     given = {"class_path": "recipes.GRPOModule", "rollout_engine": "paged", "rollout_memory_fraction": 0.3}
     defining, changeable = compare(saved, given, "model")
     assert defining == [] and len(changeable) == 2  # a resume may change them (listed, not refused)
+
+
+def test_paged_cache_beyond_its_memory_cap_is_a_clear_error():
+    model = _model("llama")
+    ids, mask = _prompts()
+    with pytest.raises(MemoryError, match=r"does not fit in rollout_memory_fraction=1e-06"):
+        sample_completions(model, SimpleNamespace(eos_token_id=63, pad_token_id=PAD), ids, mask, 1, 4,
+                           {"do_sample": False}, engine="paged", memory_fraction=1e-6)
+    assert model.config._attn_implementation == "sdpa" and model.training
