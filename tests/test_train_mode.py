@@ -7,7 +7,7 @@ from torch import nn
 
 from callbacks.core.modes import dropout_off, eval_mode, trainable_in_eval
 from callbacks.run.train_mode import TrainModeCheck, TrainModeError
-from recipes.grpo.rollout import sample_completions
+from recipes.grpo.engines import sample_completions
 from recipes.parts.hf_model import enable_activation_checkpointing
 from tests.conftest import TinyModule, build_bpe_tokenizer, tiny_loader, tiny_model, trainer
 

@@ -3,8 +3,10 @@
 - ``module``: ``GRPOModule``, the LightningModule (rollouts, the update loop, validation, the start from an SFT
   checkpoint). ``recipes.grpo.GRPOModule`` and ``recipes.GRPOModule`` name it.
 - ``loss``: advantages, per-token log-probs, clipped surrogate, k3 KL and aggregation as tensor functions.
-- ``rollout``: one rollout batch: sampling its completions, scoring them, the ``Rollout`` dataclass, its statistics,
-  its mini-batches.
+- ``engines``: sampling the completions of a rollout (``generate``, ``generate_static`` or ``paged``: continuous
+  batching), one function ``sample_completions``.
+- ``rollout``: one rollout batch: scoring its completions, the ``Rollout`` dataclass, its statistics, its
+  mini-batches.
 - ``reference``: the frozen KL reference (the run's initial policy, also after a resume).
 - ``logprobs``: per-token log-probs and entropies of sampled completions under a causal LM.
 - ``answer_span``: the final-answer tokens of sampled completions (for loss terms that ask for them).

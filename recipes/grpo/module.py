@@ -1,6 +1,6 @@
 """GRPO (group relative policy optimization, arXiv 2402.03300) for any Hugging Face causal LM, with verifiable rewards.
 
-One training step = one rollout batch: G completions per prompt from a single batched ``generate`` (KV cache),
+One training step = one rollout batch: G completions per prompt from the rollout engine (``grpo.engines``),
 rewards, group-normalized advantages, the rollout policy's log-probs cached, then ``mu`` passes over
 ``num_mini_batches`` mini-batches, one optimizer step each (manual optimization). ``trainer.max_steps`` and the
 checkpoint names count optimizer steps, exactly ``mu * num_mini_batches`` per rollout batch; the logged metrics'
@@ -26,10 +26,11 @@ from datamodules.tokenizer import load_tokenizer
 from recipes.checkpoints import CheckpointError, record_module_class
 from recipes.grpo import answer_span
 from recipes.grpo.checks import ZeroRewardStreak, check_sequence_budget, check_sft_fits_verifier
+from recipes.grpo.engines import check_engine, sample_completions, sampling_settings
 from recipes.grpo.logprobs import completion_logits, completion_logprobs
 from recipes.grpo.loss import AGGREGATIONS, SCALES, group_advantages, grpo_objective
 from recipes.grpo.reference import frozen_reference
-from recipes.grpo.rollout import Rollout, mini_batch_indices, rollout_metrics, sample_completions, score_completions
+from recipes.grpo.rollout import Rollout, mini_batch_indices, rollout_metrics, score_completions
 from recipes.grpo.sft_start import load_sft_weights, read_sft_checkpoint, sft_architecture, sft_data_settings
 from recipes.grpo.sft_warmup import sft_warmup
 from recipes.parts.hf_model import build_causal_lm, module_tokenizer
@@ -53,17 +54,17 @@ class GRPOModule(L.LightningModule):
         warmup_steps: linear learning-rate warm-up in optimizer steps, then constant.
         num_generations: G, completions per prompt.
         temperature / top_p / max_new_tokens: sampling settings of the rollouts.
+        rollout_engine / rollout_memory_fraction: how rollouts and validation answers are sampled (``generate``,
+            ``generate_static``, ``paged``) and the ``paged`` KV cache's cap (share of free memory): ``grpo.engines``.
         mu: optimizer passes over each rollout batch (1 = on-policy, the ratio is exactly 1).
         num_mini_batches: mini-batches per pass (one optimizer step each).
         eps_low / eps_high: clip range [1 - eps_low, 1 + eps_high] (DAPO's clip-higher: eps_high 0.28).
         kl_coef: weight of the k3 KL to the frozen initial policy (0 = no reference model is kept).
         scale_rewards: advantage std scaling: ``group`` (GRPO), ``batch`` or ``none`` (Dr. GRPO).
-        loss_aggregation: ``sequence_mean`` (GRPO paper, default), ``token_mean`` (DAPO) or ``max_length``
-            (Dr. GRPO: sum / (completions * max_new_tokens)).
+        loss_aggregation: ``sequence_mean`` (GRPO), ``token_mean`` (DAPO), ``max_length`` (Dr. GRPO: sum / N*max_new)
         reward_funcs: reward callables ``(prompts, completions, **columns) -> list[float]``, summed;
             ``None`` uses the data module's verifier (``reward_fn()``), which also defines ``grpo/accuracy``.
-        drop_bad_rewards: drop (and count in ``grpo/dropped``) completions a reward function fails on instead
-            of stopping the run.
+        drop_bad_rewards: drop (count in ``grpo/dropped``) completions a reward function fails on, not stop.
         max_grad_norm: gradient clipping (manual optimization: ``trainer.gradient_clip_val`` must stay unset).
         val_max_new_tokens: greedy answer budget in validation (``val/accuracy``).
         logprob_chunk_size: completion positions projected through the output head at a time when computing
@@ -72,8 +73,7 @@ class GRPOModule(L.LightningModule):
             does a model whose logits are not ``head(hidden)`` (checked once per model, with a warning).
         logprob_batch_size: completions per forward of the no-grad old-policy and reference log-prob passes;
             ``None`` uses the update mini-batch size (completions / ``num_mini_batches``).
-        logprob_dropout: keep dropout on in the log-prob passes and updates; off by default, so an unchanged
-            policy's ratio is exactly 1.
+        logprob_dropout: keep dropout on in log-prob passes and updates (off: an unchanged policy's ratio is 1).
         gradient_checkpointing: recompute block activations in backward (non-reentrant).
         zero_reward_patience: warn when every reward of this many consecutive rollout batches is 0.
     """
@@ -94,6 +94,8 @@ class GRPOModule(L.LightningModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         max_new_tokens: int = 16,
+        rollout_engine: str = "generate",
+        rollout_memory_fraction: float = 0.5,
         mu: int = 1,
         num_mini_batches: int = 1,
         eps_low: float = 0.2,
@@ -122,6 +124,7 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got {loss_aggregation!r}")
         if not (temperature > 0 and 0 < top_p <= 1):
             raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        check_engine(rollout_engine, rollout_memory_fraction)
         for name, value in (("logprob_chunk_size", logprob_chunk_size), ("logprob_batch_size", logprob_batch_size)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {value}")
@@ -234,13 +237,12 @@ class GRPOModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num: int, greedy: bool = False,
                  max_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``num`` completions per prompt at the rollout's sampling settings (or greedy), in one batched ``generate``
-        call with the KV cache: ids [P * num, T], prompt-major, and their mask (see ``sample_completions``)."""
+        """``num`` completions per prompt at the rollout's sampling settings (or greedy) from ``rollout_engine``:
+        ids [P * num, T], prompt-major, and their mask (see ``recipes.grpo.engines.sample_completions``)."""
         hp = self.hparams
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": hp.temperature,
-                                                        "top_p": hp.top_p, "top_k": 0}
         return sample_completions(self.model, module_tokenizer(self), prompt_ids, prompt_mask, num,
-                                  max_new_tokens or hp.max_new_tokens, sampling)
+                                  max_new_tokens or hp.max_new_tokens, sampling_settings(hp.temperature, hp.top_p,
+                                  greedy), hp.rollout_engine, hp.rollout_memory_fraction)
 
     def policy_logits(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                       completion: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:

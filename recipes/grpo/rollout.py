@@ -1,4 +1,5 @@
-"""A GRPO rollout batch: sampling its completions, their rewards, its named structure and its statistics."""
+"""A GRPO rollout batch: its completions' rewards, its named structure and its statistics (sampling the completions:
+``recipes.grpo.engines``)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-from callbacks.core.modes import eval_mode
 from datamodules.rewards import RewardFn, compute_rewards
-from recipes.grpo.loss import completion_mask
 
 
 @dataclass
@@ -42,26 +40,6 @@ class Rollout:
     def inputs(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, ...]:
         """``(prompt_ids, prompt_mask, completion, cmask)`` of the completions ``idx``."""
         return self.prompt_ids[idx], self.prompt_mask[idx], self.completion[idx], self.cmask[idx]
-
-
-@torch.no_grad()
-def sample_completions(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor,
-                       prompt_mask: torch.Tensor, num: int, max_new_tokens: int,
-                       sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num`` completions per (left-padded) prompt from one batched ``model.generate`` call with the KV cache, in
-    eval mode; ``sampling``: ``generate``'s sampling arguments.
-
-    Returns completion ids [P * num, T] (prompt-major: the ``num`` samples of a prompt are consecutive), padded
-    after the first EOS, and their mask (1 up to and including the first EOS).
-    """
-    ids, mask = prompt_ids.repeat_interleave(num, 0), prompt_mask.repeat_interleave(num, 0)
-    with eval_mode(model):  # every module's own mode back after
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                             **sampling)
-    completion = out[:, ids.shape[1]:]
-    cmask = completion_mask(completion, tokenizer.eos_token_id)
-    return completion.masked_fill(cmask == 0, tokenizer.pad_token_id), cmask
 
 
 def score_completions(verifier: RewardFn, reward_funcs: list | None, prompts: list[str], texts: list[str],
