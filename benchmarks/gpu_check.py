@@ -8,8 +8,8 @@ a failed or timed-out one prints its error instead), then a markdown table of th
 open goals run first (the headline: 3B full fine-tuning at >= 35% MFU), the checks whose figures are already
 recorded last, and a whole-run ``--deadline`` (450 s by default, so the call stays under 8 minutes) trims or skips
 the last ones: one call of the device tool always returns figures (``--only`` picks the rest for another call).
-Needs only torch, lightning, transformers, timm and peft (no jsonargparse, wandb, trl or network; the GRPO checks
-also need datasets, which ``recipes.grpo`` imports): the recipes' modules and callbacks are used directly with a
+Needs only torch, lightning, transformers, timm and peft (no jsonargparse, wandb, trl, datasets or network): the
+recipes' modules and callbacks are used directly with a
 plain ``lightning.Trainer`` or plain loops, never through ``recipes.cli``.
 
 Measurements: supervised fine-tuning throughput at the Llama-3.2-3B and -1B shapes (``sft_throughput.py``: packed
@@ -42,7 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-FORBIDDEN = ("jsonargparse", "wandb", "trl")
+FORBIDDEN = ("jsonargparse", "wandb", "trl", "datasets")  # not on the GPU machine
 SMOKE_BUDGET = 900  # seconds per smoke check: only a guard (a process start alone can take a minute on a busy CPU)
 
 # Llama-3.2 shapes (tied embedding, grouped-query attention) and the toy shapes of --cpu-smoke.
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
                [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
-    if args.cpu_smoke:  # as on the GPU machine: jsonargparse, wandb and trl are not installed
+    if args.cpu_smoke:  # as on the GPU machine: the FORBIDDEN packages are not installed
         env["PYTHONPATH"] = os.pathsep.join([str(HERE / "gpu_env"), env["PYTHONPATH"]])
         env["HIDE_PACKAGES"] = ",".join(FORBIDDEN)
     smoke_flag = ["--cpu-smoke"] if args.cpu_smoke else []

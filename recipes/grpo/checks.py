@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.instruction_records import read_instruction_file
 from datamodules.rewards import GSM8KReward, RewardFn
 from recipes.parts.hf_model import check_sequence_lengths
 
@@ -38,6 +37,9 @@ def sft_answers_have_marker(data_hparams: dict) -> bool | None:
     path = Path(data_hparams["train_file"])
     if not path.is_file():
         return None
+    # datasets is imported only here: training GRPO on its own prompts needs no data-set library
+    from datamodules.instruction_records import read_instruction_file
+
     records = read_instruction_file(path, data_hparams.get("data_format", "auto"), data_hparams.get("columns"))[:200]
     return any("####" in messages[-1]["content"] for _, messages in records)
 
