@@ -24,6 +24,8 @@ from torch import nn
 
 from callbacks.core.blocks import find_blocks
 
+MIN_RECOMPILE_LIMIT = 16  # graphs per block code object before torch stops compiling it
+
 # keyword arguments through which Hugging Face blocks receive a KV cache (the name differs between versions)
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -56,6 +58,11 @@ def compile_blocks(model: nn.Module, blocks_path: str | None = None) -> int:
     """
     check_compile_available()
     quiet_compile_notices()
+    # The blocks share one code object, whose cache holds the graphs of every block state (and in MAE those of the
+    # encoder's and the decoder's blocks); past torch's default of 8 a block would silently run eagerly.
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), MIN_RECOMPILE_LIMIT))
     blocks = find_blocks(model, blocks_path).blocks
     for index, block in enumerate(blocks):
         current = block.__dict__.get("forward")
