@@ -179,8 +179,8 @@ def test_state_dict_moves_between_compiled_and_eager(compiled_lm):
 
 
 def _fit(root, compile: bool, ckpt_path=None, crash_at=None):
-    """``test_exact_resume``'s run (dropout on: resume must restore the random state) with ``compile``; packed
-    rows, so that every batch has one shape and the graphs compiled for one run serve the others."""
+    """``test_exact_resume``'s run (dropout on: resume must restore the random state) with ``compile``; the first
+    two batches of packed rows per epoch, all of one shape, so one graph serves the three runs."""
     L.seed_everything(3)
     data = InstructionDataModule(synthetic_dir=str(root.parent / "syn"), synthetic_train_size=24, batch_size=4,
                                  seed=1, packing=True)
@@ -188,8 +188,8 @@ def _fit(root, compile: bool, ckpt_path=None, crash_at=None):
                             exact_match_batches=0, compile=compile)
     callbacks = [ExactResume()]
     if crash_at:
-        callbacks += [CrashAtStep(crash_at), ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2)]
-    fit = trainer(callbacks, 6, root, enable_checkpointing=bool(crash_at), limit_val_batches=0)
+        callbacks += [CrashAtStep(crash_at), ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3)]
+    fit = trainer(callbacks, 6, root, enable_checkpointing=bool(crash_at), limit_train_batches=2, limit_val_batches=0)
     fit.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module
 
@@ -198,8 +198,8 @@ def _fit(root, compile: bool, ckpt_path=None, crash_at=None):
 def test_compiled_run_resumes_exactly_and_its_checkpoint_loads_eagerly(tmp_path):
     full = _fit(tmp_path / "full", compile=True)
     with pytest.raises(SystemError, match="simulated crash"):
-        _fit(tmp_path / "cut", compile=True, crash_at=2)
-    ckpt = next((tmp_path / "cut" / "ckpt").glob("*step=2.ckpt"))
+        _fit(tmp_path / "cut", compile=True, crash_at=3)
+    ckpt = tmp_path / "cut" / "ckpt" / "epoch=1-step=3.ckpt"  # mid-epoch
     resumed = _fit(tmp_path / "resumed", compile=True, ckpt_path=ckpt)
     for name, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
@@ -239,3 +239,33 @@ def test_compile_blocks_refuses_a_wrapped_block():
     with pytest.raises(RuntimeError, match="compile the blocks before installing"):
         compile_blocks(module)
     drop.remove()
+
+
+def test_generation_runs_eagerly_and_equals_eager(compiled_lm):
+    """A KV cache would give every layer its own graph: generation calls run the blocks eagerly."""
+    eager = lm(compile=False)
+    eager.load_state_dict(compiled_lm.state_dict())
+    prompt = torch.randint(3, compiled_lm.model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
+    before = graphs()
+    out = [m.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                            max_new_tokens=4, pad_token_id=0) for m in (compiled_lm.eval(), eager.eval())]
+    compiled_lm.train()
+    assert torch.equal(out[0], out[1]) and out[0].shape[1] == 10
+    assert graphs() == before
+
+
+def test_a_failed_compile_names_the_setting(compiled_lm, monkeypatch):
+    forward = find_blocks(compiled_lm).blocks[0].__dict__["forward"]
+    failure = torch._dynamo.exc.BackendCompilerFailed.__new__(torch._dynamo.exc.BackendCompilerFailed)
+    Exception.__init__(failure, "InvalidCxxCompiler: No working C++ compiler found")
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(forward, "compiled", fail)
+    with pytest.raises(RuntimeError, match="could not compile a LlamaDecoderLayer .*No working C.. compiler.*"
+                                           "model.init_args.compile: false"):
+        forward(torch.zeros(1, 2, 32))
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.raises(RuntimeError, match="does not support .*set model.init_args.compile: false"):
+        lm(compile=True)
