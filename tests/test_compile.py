@@ -27,7 +27,7 @@ from recipes.causal_lm import CausalLMModule
 from recipes.mae_pretrain import MAEPretrainModule
 from recipes.resume import check_resume
 from recipes.vit_classifier import ViTClassifierModule
-from tests.conftest import TINY_LM_CONFIG, TINY_VIT_KWARGS, trainer
+from tests.conftest import TINY_LM_CONFIG, TINY_VIT_KWARGS, tiny_model, trainer
 from tests.probe_callbacks import CrashAtStep
 
 LM = {**TINY_LM_CONFIG, "num_hidden_layers": 4}
@@ -251,6 +251,11 @@ def test_generation_runs_eagerly_and_equals_eager(compiled_lm):
                             max_new_tokens=4, pad_token_id=0) for m in (compiled_lm.eval(), eager.eval())]
     compiled_lm.train()
     assert torch.equal(out[0], out[1]) and out[0].shape[1] == 10
+    gpt2, plain = tiny_model("gpt2"), tiny_model("gpt2")  # GPT-2 passes the cache by position
+    compile_blocks(gpt2)
+    out = [m.eval().generate(input_ids=prompt % 40, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=3, pad_token_id=0) for m in (gpt2, plain)]
+    assert torch.equal(out[0], out[1])
     assert graphs() == before
 
 

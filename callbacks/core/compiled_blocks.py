@@ -24,6 +24,11 @@ from torch import nn
 
 from callbacks.core.blocks import find_blocks
 
+try:  # a KV cache object, passed by keyword or (GPT-2) by position
+    from transformers.cache_utils import Cache as _Cache
+except ImportError:  # transformers without cache classes: only the keyword names below tell
+    _Cache = ()
+
 MIN_RECOMPILE_LIMIT = 16  # graphs per block code object before torch stops compiling it
 
 # keyword arguments through which Hugging Face blocks receive a KV cache (the name differs between versions)
@@ -39,7 +44,7 @@ class CompiledForward:
         self.block_name = type(block).__name__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if any(kwargs.get(name) is not None for name in _CACHE_ARGUMENTS):
+        if _has_cache(args, kwargs):
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
@@ -48,6 +53,11 @@ class CompiledForward:
             raise RuntimeError(f"compile=True: torch.compile could not compile a {self.block_name} on this machine "
                                f"({first_line}). On the CPU it needs a C++ compiler, on a GPU Triton; install "
                                "them or set model.init_args.compile: false") from err
+
+
+def _has_cache(args: tuple, kwargs: dict) -> bool:
+    return (any(kwargs.get(name) is not None for name in _CACHE_ARGUMENTS)
+            or any(isinstance(value, _Cache) for value in (*args, *kwargs.values())))
 
 
 def compile_blocks(model: nn.Module, blocks_path: str | None = None) -> int:
