@@ -26,6 +26,7 @@ from torch import nn
 from typing_extensions import override
 
 from callbacks.core.blocks import find_blocks
+from callbacks.core.compiled_blocks import compiled_forward
 from callbacks.core.unused_parameters import allow_unused_parameters
 
 
@@ -34,7 +35,9 @@ class ProgressiveLayerDrop(L.Callback):
 
     The callback replaces each block's ``forward`` by a wrapper (an instance attribute, removed again in
     ``teardown``), so parameter names and the ``state_dict`` are those of the plain model: a checkpoint trained
-    with the callback loads into a model without it.
+    with the callback loads into a model without it. A block compiled by
+    :func:`~callbacks.core.compiled_blocks.compile_blocks` keeps its compiled forward inside the wrapper: the skip
+    decision and the rescaling run outside the compiled code, so new drop patterns compile nothing.
 
     One Bernoulli draw per block is made at the start of every training batch (one draw for the whole
     micro-batch, as in the paper) from a seeded CPU ``torch.Generator``, identical on every rank, so all DDP ranks
@@ -83,6 +86,7 @@ class ProgressiveLayerDrop(L.Callback):
         self.keep: list[bool] | None = None  # this batch's draw; None runs every block unscaled
         self.probs: list[float] = []
         self._returns_tuple: tuple[int, ...] | None = None  # length of a block's tuple output; () means a tensor
+        self._compiled: list[Any] = []  # each block's compiled forward (compile_blocks), restored by remove()
 
     # ------------------------------------------------------------------------------------------ schedule
     def theta(self, step: int) -> float:
@@ -120,22 +124,26 @@ class ProgressiveLayerDrop(L.Callback):
             self.remove()
         parts = find_blocks(model, self.blocks_path)
         for index, block in enumerate(parts.blocks):
-            if "forward" in block.__dict__:
+            if "forward" in block.__dict__ and compiled_forward(block) is None:
                 raise RuntimeError(f"Block {index} of {parts.blocks_path} already has an instance-level forward "
                                    "(is another ProgressiveLayerDrop installed?)")
-            block.forward = self._make_forward(block, index)
+        self._compiled = [compiled_forward(block) for block in parts.blocks]
+        for index, block in enumerate(parts.blocks):
+            block.forward = self._make_forward(block, index, self._compiled[index])
         self.blocks = parts.blocks
 
     def remove(self) -> None:
-        """Restore the blocks' original forward."""
+        """Restore the blocks' forward: the class's, or the compiled one the block had before."""
         if self.blocks is not None:
-            for block in self.blocks:
+            for block, compiled in zip(self.blocks, self._compiled, strict=True):
                 block.__dict__.pop("forward", None)
+                if compiled is not None:
+                    block.forward = compiled
         self.blocks = None
         self.keep = None
 
-    def _make_forward(self, block: nn.Module, index: int):
-        original = type(block).forward.__get__(block)
+    def _make_forward(self, block: nn.Module, index: int, compiled: Any = None):
+        original = compiled if compiled is not None else type(block).forward.__get__(block)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if self.keep is None or not block.training:

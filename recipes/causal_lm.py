@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from transformers import PreTrainedTokenizerBase
 
+from callbacks.core.compiled_blocks import check_compile_setting, compile_blocks
 from datamodules.tokenizer import load_tokenizer
 from recipes.checkpoints import record_module_class
 from recipes.parts.chunked_head import chunked_cross_entropy, chunked_head_matches, last_hidden_state, split_lm
@@ -81,6 +82,9 @@ class CausalLMModule(L.LightningModule):
             full-vocabulary logits exist for one chunk only, in forward and backward; see
             ``recipes.parts.chunked_head``); ``None`` computes the plain Hugging Face loss, as does a model whose
             logits are not ``head(hidden)`` (checked on the first batch, with a warning).
+        compile: compile each transformer block with ``torch.compile`` once LoRA and gradient checkpointing are
+            applied (``callbacks.core.compiled_blocks``): same results as eager, and LISA/OwLore/BAdam switches and
+            layer-drop patterns do not recompile. Not a defining setting: a run may resume with it toggled.
     """
 
     # the settings that define the trained model: a resumed run must give the checkpoint's (recipes.resume)
@@ -100,8 +104,10 @@ class CausalLMModule(L.LightningModule):
         exact_match_batches: int = 2,
         max_new_tokens: int = 16,
         loss_chunk_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        check_compile_setting(compile)
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
         if loss_chunk_size is not None and loss_chunk_size < 1:
@@ -126,6 +132,8 @@ class CausalLMModule(L.LightningModule):
                                 gradient_checkpointing=hp.gradient_checkpointing)
         if self.lora is not None:
             model = _apply_lora(model, self.lora)
+        if hp.compile:  # last, on the finished blocks (adapters and checkpointing in place)
+            compile_blocks(model)
         self.model = model
 
     def on_fit_start(self) -> None:

@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.core.compiled_blocks import quiet_compile_notices
 from callbacks.run.atomic_checkpoint import AtomicCheckpointIO
 from callbacks.run.empty_fit import EmptyFitGuard
 from callbacks.run.exact_resume import ExactResume
@@ -338,6 +339,9 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
     # LightningCLI calls jsonargparse APIs that jsonargparse 4.49 deprecates (shown only when -W asks for them)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
+    # a CUDA build of torch logs "No CUDA runtime is found" at the first compile on a machine without a GPU
+    # (model.compile: true on the CPU); compile_blocks installs the same filter for use outside the CLI
+    quiet_compile_notices()
 
 
 def run_lightning(subcommand: str | None, argv: list[str]) -> None:

@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from typing_extensions import override
 
+from callbacks.core.compiled_blocks import check_compile_setting, compile_blocks
 from recipes.checkpoints import record_module_class
 from recipes.parts.mae_masking import (
     check_mask_ratio,
@@ -51,6 +52,9 @@ class MAEPretrainModule(L.LightningModule):
         betas / weight_decay: AdamW settings (paper: (0.9, 0.95), 0.05; no decay on biases and norms).
         warmup_steps: linear warm-up in optimizer steps, then cosine to ``min_lr_ratio`` (paper: 40 of 800 epochs).
         export_encoder: write ``encoder.pth`` (+ ``encoder.json``) into the run directory when fit ends.
+        compile: compile each encoder and decoder block with ``torch.compile`` (``callbacks.core.compiled_blocks``):
+            same results as eager, no recompiles at LISA switches or layer-drop patterns; the exported encoder's
+            keys are unchanged. Not a defining setting: a run may resume with it toggled.
     """
 
     # the settings that define the trained model: a resumed run must give the checkpoint's (recipes.resume)
@@ -75,8 +79,10 @@ class MAEPretrainModule(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.0,
         export_encoder: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        check_compile_setting(compile)
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), the share of patches removed (paper 0.9); "
                              f"got {mask_ratio}")
@@ -109,6 +115,9 @@ class MAEPretrainModule(L.LightningModule):
         self.decoder_norm = norm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * in_chans)
         self._init_decoder()
+        if compile:
+            compile_blocks(self.encoder)
+            compile_blocks(self, blocks_path="decoder_blocks")
 
     def _init_decoder(self) -> None:
         """MAE's init for the new parts: xavier-uniform linears, zero biases, N(0, 0.02) mask token."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from callbacks.core.compiled_blocks import check_compile_setting, compile_blocks
 from recipes.checkpoints import record_module_class
 from recipes.parts.auroc import MaskedMultilabelAUROC, log_auroc_table, write_auroc_table
 from recipes.parts.optim import effective_batch_size, layer_decay_groups, scaled_lr, warmup_cosine_scheduler
@@ -34,6 +35,9 @@ class ViTClassifierModule(L.LightningModule):
         betas / weight_decay: AdamW settings (MAE fine-tuning: (0.9, 0.999), 0.05).
         warmup_steps / min_lr_ratio: linear warm-up in optimizer steps, then cosine to ``min_lr_ratio`` of the peak.
         auroc_table: at test end, write ``test_auroc.csv`` and ``test_auroc.png`` into the run directory.
+        compile: compile each ViT block with ``torch.compile`` (``callbacks.core.compiled_blocks``): same results
+            as eager (drop path draws its own random numbers there), no recompiles at LISA switches or layer-drop
+            patterns. Not a defining setting: a run may resume with it toggled.
     """
 
     # the settings that define the trained model: a resumed run must give the checkpoint's (recipes.resume)
@@ -58,8 +62,10 @@ class ViTClassifierModule(L.LightningModule):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.0,
         auroc_table: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        check_compile_setting(compile)
         if not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         if global_pool not in ("avg", "token"):
@@ -93,6 +99,8 @@ class ViTClassifierModule(L.LightningModule):
         self.model = timm.create_model(hp.model_name, pretrained=False, num_classes=len(labels), img_size=hp.img_size,
                                        in_chans=hp.in_chans, global_pool=hp.global_pool,
                                        drop_path_rate=hp.drop_path_rate, **(hp.model_kwargs or {}))
+        if hp.compile:
+            compile_blocks(self.model)
         if self._trainer is None:  # built on its own: load now; under a trainer at fit start, unless restoring
             self._load_init()
         self.metrics = torch.nn.ModuleDict({s: MaskedMultilabelAUROC(len(labels)) for s in ("val", "test")})

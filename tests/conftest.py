@@ -16,6 +16,7 @@
 
 import atexit
 import csv
+import logging
 import os
 import shutil
 import sys
@@ -348,6 +349,20 @@ def model_zoo(tmp_path_factory) -> dict[str, Path]:
     from tests.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_compile_trace_capture():
+    """pytest attaches its log capture to every non-propagating logger, torch's structured-trace logger
+    (``torch.__trace``, always at DEBUG) among them, and then formats whole graph dumps at every torch.compile (a
+    compiling test ran 3x slower). The trace is for TORCH_TRACE only: drop its records unless that is set."""
+    trace = logging.getLogger("torch.__trace")
+    keep = os.environ.get("TORCH_TRACE")
+    drop = logging.Filter("never: not a logger name")  # a Filter naming no logger drops every record
+    if not keep:
+        trace.addFilter(drop)
+    yield
+    trace.removeFilter(drop)
 
 
 @pytest.fixture

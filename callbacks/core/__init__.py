@@ -1,6 +1,8 @@
 """Building blocks the callbacks use that are not callbacks themselves.
 
 - ``blocks``: ``find_blocks`` / ``ModelParts``, the one helper that locates a model's repeated blocks.
+- ``compiled_blocks``: ``compile_blocks``, torch.compile of each block in place (the recipes' ``compile`` setting),
+  so that block switching and layer drop do not recompile.
 - ``block_switching``: ``BlockSwitching``, the mechanism LISA, OwLore and BAdam share (freeze and unfreeze blocks,
   release optimizer state, agree across ranks, save state); they are its policies (which blocks next).
 - ``layer_stats``: per-block statistics of the residual stream, and ``measuring``, the context every measurement
