@@ -23,8 +23,7 @@ theta 0.5, bf16, vocabulary padded to 50,304 as GPT-2 is for pre-training, micro
 layer sampling at the 1B and 3B shapes (``layer_sampling_memory.py``: full AdamW, LoRA r16 on all linear layers,
 LISA gamma=2 with and without the embedding, OwLore; sequence 1024, bf16-true; the methods one after another in
 one process, each with its own CUDA peak); GRPO with the default engine (generation, log-prob passes, update, peak
-memory); LISA under Lightning's FSDP strategy (``use_orig_params=True``) on one GPU. A variant behind a switch
-this checkout lacks (``compile``, ``rollout_engine``) reports ``{"variant": ..., "error": "... not available"}``.
+memory); LISA under Lightning's FSDP strategy (``use_orig_params=True``) on one GPU.
 """
 
 from __future__ import annotations
@@ -107,18 +106,14 @@ def grpo_check(smoke: bool) -> dict:
 
 def grpo_engines_check(smoke: bool) -> dict:
     """Completion tokens/s and the generation share of the rollout step for each rollout engine (64 x 256 tokens)."""
-    from rollout_timing import has_engine_switch, rollout_times
+    from rollout_timing import rollout_times
 
     prompts, g, new_tokens = (2, 2, 4) if smoke else (8, 8, 256)
-    switch = has_engine_switch()
     results = {}
     for engine in GRPO_ENGINES:
-        if not switch and engine != "generate":  # without the switch the module's one engine is generate
-            results[engine] = {"variant": engine, "error": "rollout_engine switch not available"}
-            continue
         try:
             results[engine] = {"variant": engine, **rollout_times(QWEN_SMOKE if smoke else QWEN_05B, prompts, g,
-                                                                  new_tokens, not smoke, engine if switch else None)}
+                                                                  new_tokens, not smoke, engine)}
         except Exception as err:  # noqa: BLE001 - one engine's failure (e.g. an old transformers) is its result
             results[engine] = {"variant": engine, "error": f"{type(err).__name__}: {err}"[:800]}
     out = {"check": "grpo_engines", "shape": "qwen2.5-0.5b" if not smoke else "toy", "prompts": prompts, "G": g,

@@ -1,27 +1,19 @@
 """Seconds of one GRPO rollout step split into generation, log-prob passes (old policy + reference) and update, at a
 random-init Qwen2 shape in bf16; ``gpu_check.py``'s ``grpo`` and ``grpo_engines`` checks measure with it.
 
-``engine`` is passed to ``GRPOModule(rollout_engine=...)``; ``None`` leaves the module's default (``generate``).
+``engine`` is passed to ``GRPOModule(rollout_engine=...)``.
 Two rollout steps run, the first a warm-up; the figures are the second's.
 """
 
 from __future__ import annotations
 
 import gc
-import inspect
 import time
 
 import torch
 
 
-def has_engine_switch() -> bool:
-    """Whether this checkout's ``GRPOModule`` takes a ``rollout_engine`` argument."""
-    from recipes.grpo import GRPOModule
-
-    return "rollout_engine" in inspect.signature(GRPOModule.__init__).parameters
-
-
-def rollout_times(shape: dict, prompts: int, g: int, new_tokens: int, cuda: bool, engine: str | None = None) -> dict:
+def rollout_times(shape: dict, prompts: int, g: int, new_tokens: int, cuda: bool, engine: str = "generate") -> dict:
     """Generation / log-prob passes / update seconds, completion tokens and peak memory of one rollout step."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -37,9 +29,8 @@ def rollout_times(shape: dict, prompts: int, g: int, new_tokens: int, cuda: bool
     cfg = AutoConfig.for_model("qwen2", **shape, tie_word_embeddings=True, max_position_embeddings=4096)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    engine_kwargs = {} if engine is None else {"rollout_engine": engine}
     module = GRPOModule(model_config={"model_type": "qwen2"}, num_generations=g, max_new_tokens=new_tokens, mu=2,
-                        kl_coef=0.04, **engine_kwargs)
+                        kl_coef=0.04, rollout_engine=engine)
     module.tokenizer = build_char_tokenizer()
     module.model = model.train()
     module._reference.append(AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(device).eval()
