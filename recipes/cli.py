@@ -339,6 +339,9 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
     # LightningCLI calls jsonargparse APIs that jsonargparse 4.49 deprecates (shown only when -W asks for them)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
+    # GRPO optimizes manually; Lightning then warns that a step-interval checkpoint holds the weights after the
+    # step, which is the state a GRPO run resumes from (its next rollout samples from the updated policy)
+    warnings.filterwarnings("ignore", r"Using ModelCheckpoint with manual optimization", UserWarning)
     # a CUDA build of torch logs "No CUDA runtime is found" at the first compile on a machine without a GPU
     # (model.compile: true on the CPU); compile_blocks installs the same filter for use outside the CLI
     quiet_compile_notices()
