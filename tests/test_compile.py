@@ -29,6 +29,7 @@ from recipes.resume import check_resume
 from recipes.vit_classifier import ViTClassifierModule
 from tests.conftest import TINY_LM_CONFIG, TINY_VIT_KWARGS, tiny_model, trainer
 from tests.probe_callbacks import CrashAtStep
+from tests.zoo import CheckpointCounter
 
 LM = {**TINY_LM_CONFIG, "num_hidden_layers": 4}
 VIT = {"model_name": "vit_tiny_patch16_224", "img_size": 32, "in_chans": 1, "model_kwargs": TINY_VIT_KWARGS}
@@ -39,9 +40,10 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def lm(compile: bool) -> CausalLMModule:
+def lm(compile: bool, gradient_checkpointing: bool = False) -> CausalLMModule:
     torch.manual_seed(0)
-    module = CausalLMModule(model_config=LM, tokenizer_name="char", compile=compile)
+    module = CausalLMModule(model_config=LM, tokenizer_name="char", compile=compile,
+                            gradient_checkpointing=gradient_checkpointing)
     module.configure_model()
     return module
 
@@ -102,6 +104,19 @@ def test_causal_lm_compiled_equals_eager(compiled_lm):
     batches = lm_batches(3, compiled_lm.model.config.vocab_size)
     assert_trains_alike(compiled_lm, eager, lambda m, b: m.lm_loss(b), batches)
     assert all(isinstance(b.__dict__["forward"], CompiledForward) for b in find_blocks(compiled_lm).blocks)
+
+
+def test_checkpointed_blocks_are_compiled_and_checkpointed():
+    """With gradient checkpointing the blocks still compile (no graph break: the checkpoint stays outside the
+    compiled code) and are still checkpointed (one call per block and step), training as the eager model does."""
+    torch._dynamo.reset()
+    counters.clear()
+    module, eager = lm(compile=True, gradient_checkpointing=True), lm(compile=False, gradient_checkpointing=True)
+    counter = CheckpointCounter(module)
+    batches = lm_batches(3, module.model.config.vocab_size)
+    assert_trains_alike(module, eager, lambda m, b: m.lm_loss(b), batches)
+    assert counter.calls == 3 * 4  # 3 steps x 4 blocks
+    assert graphs() >= 1 and not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_mae_and_vit_compiled_equal_eager():

@@ -177,10 +177,10 @@ def grpo_data(folder, tmp_path, **kwargs) -> VerifiableQADataModule:
                                   val_batch_size=4, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3"])
-def test_grpo_with_llds_from_model_path(family, model_zoo, tmp_path):
+@pytest.mark.parametrize(("family", "engine"), [("qwen2", "generate"), ("phi3", "paged"), ("llama3", "paged")])
+def test_grpo_with_llds_from_model_path(family, engine, model_zoo, tmp_path):
     module = GRPOModule(model_path=str(model_zoo[family]), gradient_checkpointing=True, num_generations=2,
-                        max_new_tokens=4, mu=2, sft_steps=1, logprob_chunk_size=8)
+                        max_new_tokens=4, mu=2, sft_steps=1, logprob_chunk_size=8, rollout_engine=engine)
     probe = fit(module, grpo_data(model_zoo[family], tmp_path), tmp_path, [LLDS()], steps=2)
     assert probe.in_eval == []
     assert any(c >= LAYERS for c in probe.calls), f"no checkpointed block call in {probe.calls}"
@@ -304,3 +304,36 @@ def test_grpo_from_an_sft_checkpoint_of_a_saved_model_trains_in_train_mode(model
     probe = fit(module, grpo_data(folder, tmp_path, reward="gsm8k_flexible"), tmp_path, steps=2)
     assert probe.in_eval == []
     assert any(c >= LAYERS for c in probe.calls), f"no checkpointed block call in {probe.calls}"
+
+
+# ------------------------------------------------------------------------------------------------- compile
+class GraphCount(Callback):
+    """The number of graphs torch.compile has made, after every training step."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from torch._dynamo.utils import counters
+
+        self.seen.append(counters["stats"]["unique_graphs"])
+
+
+def test_compiled_lisa_on_packed_rows_of_a_saved_model(model_zoo, tmp_path):
+    """A user's saved Llama 3 model with packed rows, gradient checkpointing and LISA switching every step, with
+    ``compile=True``: trains in train mode with every block checkpointed, and compiles at most one graph per block
+    state, whatever the number of switches: {trainable, frozen} x {rows with an example boundary (a mask built from
+    the position ids), rows without (no mask)} x {the first row length, any length (torch makes the length dynamic
+    when a second one comes)}. Compiled-equals-eager is tests/test_compile.py's, on models without dropout."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()  # the counts of earlier tests in this process
+    folder = model_zoo["llama3"]
+    data = InstructionDataModule(tokenizer=str(folder), synthetic_dir=str(tmp_path / "syn"), synthetic_train_size=48,
+                                 max_length=48, batch_size=2, packing=True)
+    module = CausalLMModule(model_path=str(folder), gradient_checkpointing=True, warmup_steps=0, compile=True)
+    graphs, lisa = GraphCount(), LISA(n_layers=1, interval=1, seed=0)
+    probe = fit(module, data, tmp_path, [lisa, graphs], steps=12)
+    assert_trained_as_configured(probe, steps=12)
+    assert 2 <= graphs.seen[0] and graphs.seen[-1] <= 2 * 2 * 2, graphs.seen  # a LISA draw at each of 12 steps

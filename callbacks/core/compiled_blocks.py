@@ -9,6 +9,10 @@ the trained blocks or the dropped blocks compiles nothing more (``tests/test_com
 The compiled forward is an instance attribute of each block (the class's ``forward`` stays), so the block is
 the same module object: :func:`~callbacks.core.blocks.find_blocks` finds it, and parameter names and
 ``state_dict`` keys are those of the eager model (no ``_orig_mod.``), so checkpoints load either way.
+Gradient checkpointing stays outside the compiled code: recent transformers releases checkpoint inside a layer's
+``forward`` (``forward_with_checkpointing``), which torch.compile cannot trace (a graph break that leaves the whole
+block eager), so there the layer's own forward is compiled and checkpointed from outside, as older releases (which
+checkpoint in ``__call__``) do anyway.
 :class:`~callbacks.layer_drop.ProgressiveLayerDrop` wraps the compiled forward (its skip decision stays outside
 the compiled code). A block called with a KV cache (generation) runs eagerly: the cache is Python state that
 would give every layer its own program.
@@ -17,6 +21,7 @@ would give every layer its own program.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,20 +44,35 @@ class CompiledForward:
     """A block's forward compiled with ``torch.compile``, and the eager forward for calls with a KV cache."""
 
     def __init__(self, block: nn.Module) -> None:
+        self.block = block
         self.eager = type(block).forward.__get__(block)
-        self.compiled = torch.compile(self.eager)
+        own = _inside_checkpointing(type(block).forward)
+        self.checkpoints_outside = own is not None
+        self.compiled = torch.compile(self.eager if own is None else own.__get__(block))
         self.block_name = type(block).__name__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _has_cache(args, kwargs):
             return self.eager(*args, **kwargs)
         try:
+            block = self.block
+            if (self.checkpoints_outside and block.gradient_checkpointing and block.training
+                    and torch.is_grad_enabled()):  # what forward_with_checkpointing does, around the compiled code
+                return block._gradient_checkpointing_func(partial(self.compiled, **kwargs), *args)
             return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RuntimeError(f"compile=True: torch.compile could not compile a {self.block_name} on this machine "
                                f"({first_line}). On the CPU it needs a C++ compiler, on a GPU Triton; install "
                                "them or set model.init_args.compile: false") from err
+
+
+def _inside_checkpointing(forward: Any) -> Any:
+    """The layer's own forward when ``forward`` is transformers' ``forward_with_checkpointing`` wrapper, else None."""
+    code = getattr(forward, "__code__", None)  # functools.wraps gives the wrapper the layer's __name__, not its code
+    if code is not None and code.co_name == "forward_with_checkpointing":
+        return getattr(forward, "__wrapped__", None)
+    return None
 
 
 def _has_cache(args: tuple, kwargs: dict) -> bool:
