@@ -9,6 +9,7 @@ compiled. Compiled blocks of one class share their graphs, so the counts do not 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import lightning as L
 import pytest
@@ -17,10 +18,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
+from callbacks.badam import BAdam
 from callbacks.core.blocks import find_blocks
 from callbacks.core.compiled_blocks import CompiledForward, compile_blocks, quiet_compile_notices
+from callbacks.core.galore import GaLoreAdamW
 from callbacks.layer_drop import ProgressiveLayerDrop
 from callbacks.lisa import LISA
+from callbacks.owlore import OwLore
 from callbacks.run.exact_resume import ExactResume
 from datamodules.instruction import InstructionDataModule
 from recipes.causal_lm import CausalLMModule
@@ -167,6 +171,38 @@ def test_lisa_switches_stop_compiling(compiled_lm, tmp_path):
     seen, active = fit_counting(compiled_lm, [LISA(n_layers=1, interval=1, seed=3)], 8, tmp_path)
     assert len(set(active)) == 4 and sum(a != b for a, b in zip(active, active[1:], strict=False)) >= 6
     assert seen == [2] * 8
+
+
+COMBINATIONS = {  # module settings, the layer-wise callback, the precision
+    "lora_checkpointing": ({"lora": {"r": 4}, "gradient_checkpointing": True}, None, "32-true"),
+    "badam_bf16_true": ({}, lambda: BAdam(interval=1, seed=0), "bf16-true"),
+    "owlore_galore": ({"optimizer": partial(GaLoreAdamW, rank=4, update_proj_gap=1)},
+                      lambda: OwLore(n_layers=1, interval=1, calibration_batches=1, seed=0), "32-true"),
+    "lisa_checkpointing_bf16_mixed": ({"gradient_checkpointing": True}, lambda: LISA(n_layers=1, interval=1, seed=0),
+                                      "bf16-mixed"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+def test_compiled_blocks_under_the_other_methods_and_precisions(name, tmp_path):
+    """LoRA, BAdam, OwLore with GaLore and LISA under gradient checkpointing, in the precisions they run in, with
+    ``compile=True``: no graph break, and at most one graph per block state over 6 steps of switching: {parameters
+    trainable, frozen} x {input needs a gradient, does not} (BAdam freezes the embedding, so the blocks before the
+    trained one see inputs without a gradient)."""
+    settings, callback, precision = COMBINATIONS[name]
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=LM, tokenizer_name="char", compile=True, warmup_steps=0, **settings)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    loader = DataLoader(lm_batches(6, module.model.config.vocab_size), batch_size=None)
+    fit = trainer([callback()] if callback else [], 6, tmp_path, precision=precision, limit_val_batches=0)
+    fit.fit(module, loader, val_dataloaders=loader)
+    assert fit.global_step == 6
+    assert any(not torch.equal(before[n], p) for n, p in module.named_parameters() if n in before)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert 1 <= graphs() <= 4
 
 
 def test_layer_drop_patterns_stop_compiling(compiled_lm, tmp_path):
