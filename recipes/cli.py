@@ -26,7 +26,7 @@ from callbacks.run.empty_fit import EmptyFitGuard
 from callbacks.run.exact_resume import ExactResume
 from callbacks.run.finite_loss import FiniteLossGuard
 from callbacks.run.periodic_checkpoint import PeriodicLastCheckpoint
-from callbacks.run.preemption import Preempted, PreemptionCheckpoint
+from callbacks.run.preemption import Preempted, PreemptionCheckpoint, release_process_group
 from callbacks.run.progress import StepProgressBar
 from callbacks.run.resume_settings import OptimizerSettingsOnResume
 from callbacks.run.run_info import RunInfoLogger
@@ -364,5 +364,6 @@ def run_lightning(subcommand: str | None, argv: list[str]) -> None:
         raise
     except SIGTERMException:  # Lightning's own SIGTERM stop (outside training) exits 0; a killed run must not
         sys.exit(143)
+    release_process_group()  # every rank ended the run together: the group goes before the interpreter does
     if getattr(cli, "untrained", None):
         rank_zero_warn(cli.untrained)

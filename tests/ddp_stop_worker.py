@@ -5,6 +5,8 @@ Run by tests/test_ddp_stop.py as ``python tests/ddp_stop_worker.py OUT_DIR MODE`
 rank).
 """
 
+import atexit
+import os
 import signal
 import sys
 from pathlib import Path
@@ -36,6 +38,9 @@ class TroubleOnRankOne(BoringModel):
 
 def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
+    # runs after every exit handler registered later (atexit is last in, first out): was the group released?
+    atexit.register(lambda: (out / f"pg_at_exit_{os.getpid()}.txt").write_text(
+        "initialized" if torch.distributed.is_initialized() else "released"))
     trainer = L.Trainer(max_steps=8, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                         callbacks=[FiniteLossGuard(), PreemptionCheckpoint()], default_root_dir=out,

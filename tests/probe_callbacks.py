@@ -1,5 +1,6 @@
 """Callbacks the multi-process, kill and resume tests add to recipe runs from the command line."""
 
+import atexit
 import hashlib
 import json
 from pathlib import Path
@@ -48,6 +49,10 @@ class RankStateDump(Callback):
         }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(out, indent=1))
+        if trainer.world_size > 1:  # at the process's exit: is the group still up (gloo's threads can abort it)?
+            pg_file = Path(self.out_dir) / f"rank{trainer.global_rank}_pg_at_exit.txt"
+            atexit.register(lambda: pg_file.write_text(
+                "initialized" if torch.distributed.is_initialized() else "released"))
 
 
 class PrintSteps(Callback):

@@ -32,3 +32,4 @@ def test_two_rank_ddp_stays_in_sync(path, tmp_path):
     assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["step"] == ranks[1]["step"] > 0
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["callbacks"] == ranks[1]["callbacks"]
+    assert [(out / f"rank{r}_pg_at_exit.txt").read_text() for r in (0, 1)] == ["released"] * 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import re
@@ -11,6 +12,7 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -47,6 +49,14 @@ def slurm_job_id() -> str | None:
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID")
     return job if job and re.fullmatch(r"[0-9_]+", job) else None
+
+
+def release_process_group() -> None:
+    """Destroy the default process group at exit, after a stop every rank agreed on (so no rank is left in a
+    collective). Left to the interpreter's finalization, gloo's worker threads can outlive it and the process
+    aborts (SIGABRT) instead of exiting with ``128 + signal``; torch asks for an explicit destroy at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class PreemptionCheckpoint(Callback):
@@ -195,6 +205,7 @@ class PreemptionCheckpoint(Callback):
             return
         err = Preempted(self.received or signal.SIGTERM, None, trainer.global_step, self._requeue(trainer), phase)
         rank_zero_info(str(err))
+        atexit.register(release_process_group)
         raise err
 
     def _stop_if_signalled(self, trainer: L.Trainer) -> None:
@@ -206,6 +217,7 @@ class PreemptionCheckpoint(Callback):
         requeued = self._requeue(trainer)
         err = Preempted(signum, path, trainer.global_step, requeued)
         rank_zero_info(str(err))
+        atexit.register(release_process_group)
         raise err
 
     def _requeue(self, trainer: L.Trainer) -> bool:
