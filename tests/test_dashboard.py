@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import re
 import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +22,7 @@ from callbacks import LISA, BAdam, OwLore
 from callbacks.mae_reconstruction import ROW_LABELS, MAEReconstructionLogger
 from recipes.__main__ import main
 from recipes.cli import CONFIG_DIR, callback_settings
-from recipes.parts.wandb_files import history_rows, run_config, run_files
+from recipes.parts.wandb_files import history_rows, records, run_config, run_files
 
 DEEP = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 32,
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -58,7 +60,21 @@ def deep_run(tmp_path_factory):
         wandb.finish()
     finally:
         monkeypatch.undo()
-    return tmp_path / "runs" / "deep_lisa" / "version_0"
+    run_dir = tmp_path / "runs" / "deep_lisa" / "version_0"
+    wait_until_written(run_dir, runs=2)
+    return run_dir
+
+
+def wait_until_written(run_dir: Path, runs: int, timeout: float = 120.0) -> None:
+    """W&B's service process may still be writing an offline run file after ``wandb.finish()`` returns (seen on a
+    loaded machine: the resumed run's history was missing when read): wait for each file's closing exit record."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = run_files(run_dir)
+        if len(files) == runs and all(any(r.WhichOneof("record_type") == "exit" for r in records(f)) for f in files):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the {runs} W&B offline runs under {run_dir} were not complete after {timeout} s")
 
 
 def test_per_block_metrics_are_one_wandb_panel_per_metric_and_csv_columns(deep_run):
