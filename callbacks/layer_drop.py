@@ -86,7 +86,7 @@ class ProgressiveLayerDrop(L.Callback):
         self.keep: list[bool] | None = None  # this batch's draw; None runs every block unscaled
         self.probs: list[float] = []
         self._returns_tuple: tuple[int, ...] | None = None  # length of a block's tuple output; () means a tensor
-        self._compiled: list[Any] = []  # each block's compiled forward (compile_blocks), restored by remove()
+        self._previous: list[Any] = []  # each block's instance-level forward before ours (compiled), or None
 
     # ------------------------------------------------------------------------------------------ schedule
     def theta(self, step: int) -> float:
@@ -127,23 +127,22 @@ class ProgressiveLayerDrop(L.Callback):
             if "forward" in block.__dict__ and compiled_forward(block) is None:
                 raise RuntimeError(f"Block {index} of {parts.blocks_path} already has an instance-level forward "
                                    "(is another ProgressiveLayerDrop installed?)")
-        self._compiled = [compiled_forward(block) for block in parts.blocks]
+        self._previous = [block.__dict__.get("forward") for block in parts.blocks]
         for index, block in enumerate(parts.blocks):
-            block.forward = self._make_forward(block, index, self._compiled[index])
+            block.forward = self._make_forward(block, index, block.forward)  # the compiled or the class's
         self.blocks = parts.blocks
 
     def remove(self) -> None:
-        """Restore the blocks' forward: the class's, or the compiled one the block had before."""
+        """Give each block back the forward it had before: its compiled one, else the class's."""
         if self.blocks is not None:
-            for block, compiled in zip(self.blocks, self._compiled, strict=True):
+            for block, previous in zip(self.blocks, self._previous, strict=True):
                 block.__dict__.pop("forward", None)
-                if compiled is not None:
-                    block.forward = compiled
+                if previous is not None:
+                    block.forward = previous
         self.blocks = None
         self.keep = None
 
-    def _make_forward(self, block: nn.Module, index: int, compiled: Any = None):
-        original = compiled if compiled is not None else type(block).forward.__get__(block)
+    def _make_forward(self, block: nn.Module, index: int, original: Any):
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if self.keep is None or not block.training:

@@ -20,7 +20,6 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.core.compiled_blocks import quiet_compile_notices
 from callbacks.run.atomic_checkpoint import AtomicCheckpointIO
 from callbacks.run.empty_fit import EmptyFitGuard
 from callbacks.run.exact_resume import ExactResume
@@ -342,9 +341,6 @@ def quiet_third_party_warnings() -> None:
     # GRPO optimizes manually; Lightning then warns that a step-interval checkpoint holds the weights after the
     # step, which is the state a GRPO run resumes from (its next rollout samples from the updated policy)
     warnings.filterwarnings("ignore", r"Using ModelCheckpoint with manual optimization", UserWarning)
-    # a CUDA build of torch logs "No CUDA runtime is found" at the first compile on a machine without a GPU
-    # (model.compile: true on the CPU); compile_blocks installs the same filter for use outside the CLI
-    quiet_compile_notices()
 
 
 def run_lightning(subcommand: str | None, argv: list[str]) -> None:

@@ -365,6 +365,17 @@ def _no_compile_trace_capture():
     trace.removeFilter(drop)
 
 
+def fake_slurm_job(tmp_path: Path, monkeypatch) -> None:
+    """SLURM job 4242 with a fake ``scontrol`` first on PATH that writes its arguments to ``scontrol_called``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol_called'}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+
+
 @pytest.fixture
 def cli_argv(monkeypatch):
     """An in-process CLI call passes its own arguments: the test runner's command line is hidden from it."""

@@ -16,6 +16,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from callbacks.run.periodic_checkpoint import PeriodicLastCheckpoint
 from callbacks.run.preemption import Preempted, PreemptionCheckpoint
 from recipes.cli import CONFIG_DIR
+from tests.conftest import fake_slurm_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,18 +121,12 @@ def test_sigterm_to_a_real_run_then_auto_resume_continues_the_same_run_folder(tm
 
 
 def test_under_slurm_rank_zero_requeues_the_job_after_saving(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'called'}\n")
-    scontrol.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    fake_slurm_job(tmp_path, monkeypatch)
     trainer = _trainer(tmp_path, PreemptionCheckpoint(requeue=True), SignalAtStep(signal.SIGUSR1, 2))
     with pytest.raises(Preempted) as info:
         trainer.fit(BoringModel())
     assert info.value.requeued and "the SLURM job was requeued" in str(info.value)
-    assert (tmp_path / "called").read_text().split() == ["requeue", "4242"]
+    assert (tmp_path / "scontrol_called").read_text().split() == ["requeue", "4242"]
     assert torch.load(info.value.path, weights_only=True)["global_step"] == 3
 
 

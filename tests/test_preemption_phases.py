@@ -13,7 +13,7 @@ from callbacks import LISA, OwLore
 from callbacks.run.preemption import Preempted, PreemptionCheckpoint
 from datamodules.instruction import InstructionDataModule
 from recipes.causal_lm import CausalLMModule
-from tests.conftest import TINY_LM_CONFIG, grpo_data, grpo_module
+from tests.conftest import TINY_LM_CONFIG, fake_slurm_job, grpo_data, grpo_module
 
 
 class Killed(Exception):
@@ -121,14 +121,8 @@ def test_the_cli_prints_the_same_command_when_nothing_was_saved(monkeypatch, cap
 
 
 def test_under_slurm_a_stop_before_training_requeues_the_job(tmp_path, monkeypatch, fatal_sigterm):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'called'}\n")
-    scontrol.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    fake_slurm_job(tmp_path, monkeypatch)
     with pytest.raises(Preempted) as info:
         _lm_fit(tmp_path, [SigtermInSanityCheck()], sanity_steps=2, preemption=PreemptionCheckpoint(requeue=True))
     assert info.value.requeued and "nothing was saved" in str(info.value) and "requeued" in str(info.value)
-    assert (tmp_path / "called").read_text().split() == ["requeue", "4242"]
+    assert (tmp_path / "scontrol_called").read_text().split() == ["requeue", "4242"]

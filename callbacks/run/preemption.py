@@ -51,6 +51,11 @@ def slurm_job_id() -> str | None:
     return job if job and re.fullmatch(r"[0-9_]+", job) else None
 
 
+def _release_process_group_at_exit() -> None:
+    atexit.unregister(release_process_group)  # once, however many stops a process (a test session) raises
+    atexit.register(release_process_group)
+
+
 def release_process_group() -> None:
     """Destroy the default process group at exit, after a stop every rank agreed on (so no rank is left in a
     collective). Left to the interpreter's finalization, gloo's worker threads can outlive it and the process
@@ -205,7 +210,7 @@ class PreemptionCheckpoint(Callback):
             return
         err = Preempted(self.received or signal.SIGTERM, None, trainer.global_step, self._requeue(trainer), phase)
         rank_zero_info(str(err))
-        atexit.register(release_process_group)
+        _release_process_group_at_exit()
         raise err
 
     def _stop_if_signalled(self, trainer: L.Trainer) -> None:
@@ -217,7 +222,7 @@ class PreemptionCheckpoint(Callback):
         requeued = self._requeue(trainer)
         err = Preempted(signum, path, trainer.global_step, requeued)
         rank_zero_info(str(err))
-        atexit.register(release_process_group)
+        _release_process_group_at_exit()
         raise err
 
     def _requeue(self, trainer: L.Trainer) -> bool:
