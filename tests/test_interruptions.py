@@ -210,11 +210,13 @@ def test_a_failed_fit_leaves_nothing_on_the_model(tmp_path):
     assert [n for n, m in module.named_modules() if m._forward_hooks or m._forward_pre_hooks] == []  # diagnostics
 
 
-def test_users_own_model_and_parquet_data_resume_exactly_after_a_signal(tmp_path, tmp_path_factory, monkeypatch,
-                                                                       model_zoo):
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "compiled_packed"])
+def test_users_own_model_and_parquet_data_resume_exactly_after_a_signal(fast, tmp_path, tmp_path_factory,
+                                                                       monkeypatch, model_zoo):
     """The way a user runs it: a Qwen2-type model saved with ``save_pretrained`` (its own tokenizer and chat
     template) loaded through ``model_path`` with gradient checkpointing, Alpaca records in a parquet file, LISA,
-    ``accumulate_grad_batches=2`` and ``bf16-true``; SIGTERM in the middle of a window, then resume."""
+    ``accumulate_grad_batches=2`` and ``bf16-true``; SIGTERM in the middle of a window, then resume. ``fast``: the
+    same with the throughput settings on, ``compile: true`` and ``data.packing: true``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -227,9 +229,9 @@ def test_users_own_model_and_parquet_data_resume_exactly_after_a_signal(tmp_path
 
     def users_own(root):
         data = InstructionDataModule(train_file=str(parquet), tokenizer=str(folder), batch_size=2, max_length=64,
-                                     val_fraction=0.2, seed=1)
+                                     val_fraction=0.2, seed=1, packing=fast)
         module = CausalLMModule(model_path=str(folder), gradient_checkpointing=True, warmup_steps=2,
-                                min_lr_ratio=1.0, exact_match_batches=0)
+                                min_lr_ratio=1.0, exact_match_batches=0, compile=fast)
         return module, data, LISA(n_layers=1, interval=2)
 
     monkeypatch.setitem(RECIPES, "users_own", users_own)
